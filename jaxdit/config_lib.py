@@ -1,0 +1,109 @@
+"""Base config and the small helpers experiment files use (big_vision style).
+
+An experiment file defines ``get_config(arg)``; ``arg`` is ``"<size>[,key=value...]"``,
+e.g. ``"tiny"``, ``"B,share=attention"``, ``"B,adaln=shared"``. ``key=value`` pairs override
+fields of ``config.model``. Everything else is overridden on the command line with
+``--config.section.field=value``.
+"""
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+# Paper setup used for parameter counts: CLIP/H text features (width 1024), an 8-channel
+# f8 latent of 256x256 images (32x32x8), patch 2.
+PAPER_TEXT_WIDTH = 1024
+PAPER_LATENT = dict(kind="kl_vae", channels=8, downsample=8)
+
+
+def parse_arg(arg: str | None) -> tuple[str, dict]:
+    """``"B,share=full"`` -> ``("B", {"share": "full"})`` (values parsed as Python literals)."""
+    parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    if not parts:
+        raise ValueError("Config argument missing: use path.py:<size>[,key=value...].")
+    size, overrides = parts[0], {}
+    for p in parts[1:]:
+        if "=" not in p:
+            raise ValueError(f"Bad config override {p!r}: expected key=value.")
+        k, v = p.split("=", 1)
+        try:
+            overrides[k.strip()] = ast.literal_eval(v.strip())
+        except (ValueError, SyntaxError):
+            overrides[k.strip()] = v.strip()
+    return size, overrides
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict(dict(
+        family="dit_air", depth=4, width=128, num_heads=4, patch_size=4, mlp_ratio=4.0,
+        share="none", adaln="per_layer", qk_norm=True, sandwich=True, adaln_layer_offset=True,
+        pos_embed_max_size=144, text_hidden_ratio=4.0, attn_impl="xla", remat=False,
+        dtype="float32", param_dtype="float32"))
+    c.text = ml_collections.ConfigDict(dict(
+        kind="trainable", vocab_size=0, max_len=16, width=128, depth=2, num_heads=4))
+    c.latent = ml_collections.ConfigDict(dict(kind="identity", channels=3, downsample=1))
+
+    c.data = ml_collections.ConfigDict(dict(
+        source="shapes", image_size=32, num_train=50_000, num_val=512, max_objects=3, seed=0,
+        caption_dropout=0.1, folder="", val_folder="", tfds_name="", tfds_data_dir="",
+        tfds_train_split="train", tfds_val_split="test", tfds_label_key="label",
+        tfds_caption_key="", extra_vocab=""))
+    c.diffusion = ml_collections.ConfigDict(dict(
+        t_sampling="logit_normal", t_mean=0.0, t_std=1.0, shift=1.0))
+    # DiT-Air's inference defaults: Heun SDE, 50 steps, CFG 7.5.
+    c.sampler = ml_collections.ConfigDict(dict(
+        method="heun", sde=True, num_steps=50, cfg_scale=7.5, shift=1.0, sde_strength=1.0,
+        num_samples=16, seed=0))
+    c.optim = ml_collections.ConfigDict(dict(
+        name="adafactor", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
+        clip_norm=1.0, schedule="constant", warmup_steps=0, final_lr_ratio=0.0,
+        ema_decay=0.9999, ema_warmup=True, grad_accum=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1))
+    c.train = ml_collections.ConfigDict(dict(
+        batch_size=32, steps=1000, log_every=50, eval_every=500, sample_every=0,
+        ckpt_every=500, keep_checkpoints=3, async_checkpointing=True, val_batches=4))
+    c.eval = ml_collections.ConfigDict(dict(
+        t_grid=(0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)))
+    return c
+
+
+def apply_model_overrides(config, overrides: dict):
+    for k, v in overrides.items():
+        if k not in config.model:
+            raise ValueError(f"Unknown model field {k!r} in config argument; "
+                             f"valid: {sorted(config.model.keys())}.")
+        config.model[k] = v
+    return config
+
+
+def paper_model(config, depth: int, width: int, heads: int, patch: int = 2):
+    """Paper-size model with the paper's text width and 8-channel latent."""
+    config.model.update(depth=depth, width=width, num_heads=heads, patch_size=patch)
+    config.text.update(kind="precomputed", width=PAPER_TEXT_WIDTH, max_len=128)
+    config.latent.update(PAPER_LATENT)
+    config.data.image_size = 256
+    config.model.update(dtype="bfloat16", remat=True)
+    config.train.batch_size = 4096
+    return config
+
+
+# DiT-Air scaling family (also used for its PixArt-alpha and MMDiT baselines):
+# layers N, width 64 N, N heads of dim 64.
+AIR_DEPTHS = {"S": 12, "B": 18, "L": 24, "XL": 30, "XXL": 38}
+
+
+def air_family_config(family: str, arg: str | None):
+    """Config for ``family`` in {dit_air, pixart, mmdit} at size ``tiny`` or S..XXL."""
+    size, overrides = parse_arg(arg)
+    config = base_config()
+    config.model.family = family
+    if size in AIR_DEPTHS:
+        n = AIR_DEPTHS[size]
+        paper_model(config, depth=n, width=64 * n, heads=n)
+    elif size != "tiny":
+        raise ValueError(f"Unknown size {size!r}; available: tiny, {', '.join(AIR_DEPTHS)}.")
+    return apply_model_overrides(config, overrides)

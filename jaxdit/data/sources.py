@@ -1,0 +1,106 @@
+"""Random-access data sources besides the procedural shapes: image folders and TFDS.
+
+Each yields records ``{"image": uint8 (S, S, 3), "caption": str, "label": int32}``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxW[xC] -> uint8 (size, size, 3): centre square crop then bicubic resize."""
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.shape[-1] == 1:
+        img = np.repeat(img, 3, axis=-1)
+    img = img[..., :3]
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    img = img[top:top + s, left:left + s]
+    if s != size:
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    return img.astype(np.uint8)
+
+
+class ImageFolderSource:
+    """Images under ``root`` (recursively) with captions in same-stem ``.txt`` files.
+
+    The label is the index of the image's first-level sub-folder (sorted), 0 when images sit
+    directly in ``root`` - so ``root/<class>/<img>`` works for class-conditional training.
+    """
+
+    def __init__(self, root: str, image_size: int):
+        self.root, self.image_size = str(root), int(image_size)
+        if not os.path.isdir(self.root):
+            raise FileNotFoundError(f"Image folder {self.root!r} does not exist.")
+        files = sorted(p for p in Path(self.root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root!r}.")
+        self.files = [str(p) for p in files]
+        classes = sorted({p.relative_to(self.root).parts[0] for p in files
+                          if len(p.relative_to(self.root).parts) > 1})
+        self.class_index = {c: i for i, c in enumerate(classes)}
+
+    def __len__(self):
+        return len(self.files)
+
+    def __repr__(self):
+        return f"ImageFolderSource(root={self.root!r}, n={len(self.files)}, size={self.image_size})"
+
+    def __getitem__(self, index: int) -> dict:
+        path = Path(self.files[index])
+        with Image.open(path) as im:
+            img = np.asarray(im.convert("RGB"))
+        txt = path.with_suffix(".txt")
+        caption = txt.read_text().strip() if txt.exists() else ""
+        parts = path.relative_to(self.root).parts
+        label = self.class_index.get(parts[0], 0) if len(parts) > 1 else 0
+        return {"image": center_crop_resize(img, self.image_size), "caption": caption,
+                "label": np.int32(label)}
+
+
+class TfdsSource:
+    """A TFDS dataset read through ``tfds.data_source`` (ArrayRecord; no TensorFlow needed).
+
+    ``caption_key``: a text feature, or None to use the class name of ``label_key`` as the
+    caption (or "" when the dataset has no label names).
+    """
+
+    def __init__(self, name: str, split: str, image_size: int, data_dir: str | None = None,
+                 image_key: str = "image", label_key: str | None = "label",
+                 caption_key: str | None = None):
+        import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+        self.name, self.split, self.image_size = name, split, int(image_size)
+        self.image_key, self.label_key, self.caption_key = image_key, label_key, caption_key
+        self.source = tfds.data_source(name, split=split, data_dir=data_dir)
+        self.label_names = None
+        if label_key is not None:
+            builder = tfds.builder(name, data_dir=data_dir)
+            feat = builder.info.features[label_key]
+            self.label_names = getattr(feat, "names", None)
+
+    def __len__(self):
+        return len(self.source)
+
+    def __repr__(self):
+        return f"TfdsSource(name={self.name!r}, split={self.split!r}, size={self.image_size})"
+
+    def __getitem__(self, index: int) -> dict:
+        ex = self.source[index]
+        label = int(ex[self.label_key]) if self.label_key else 0
+        if self.caption_key:
+            cap = ex[self.caption_key]
+            caption = cap.decode() if isinstance(cap, bytes) else str(cap)
+        elif self.label_names:
+            caption = str(self.label_names[label]).replace("_", " ")
+        else:
+            caption = ""
+        return {"image": center_crop_resize(np.asarray(ex[self.image_key]), self.image_size),
+                "caption": caption, "label": np.int32(label)}

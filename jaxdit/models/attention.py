@@ -1,0 +1,145 @@
+"""The one attention function and the attention projection modules every model uses.
+
+``attention(q, k, v, key_mask)`` is the single entry point; backends (XLA reference,
+Pallas kernels) are chosen by ``impl`` and live in :mod:`jaxdit.kernels`.
+Layouts: ``q`` is ``(B, S, H, D)``, ``k``/``v`` are ``(B, T, Hkv, D)`` with ``H % Hkv == 0``
+(grouped-query attention without materialising repeated K/V), ``key_mask`` is
+``(B, T)`` bool (True = attend) or None.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdit.models.layers import RMSNorm, apply_rope, dense
+
+Dtype = Any
+
+
+def xla_attention(q, k, v, key_mask=None, scale: float | None = None):
+    """Reference softmax attention in plain XLA; softmax statistics in fp32.
+
+    Query heads are grouped onto their KV head with a reshape (query head ``h`` uses KV head
+    ``h // (H // Hkv)``), so K/V are never repeated in memory. Returns ``(B, S, H, D)``.
+    """
+    b, s, h, d = q.shape
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"Query heads ({h}) must be a multiple of KV heads ({hkv}).")
+    g = h // hkv
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, s, hkv, g, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)
+
+
+def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None):
+    """Dispatches to the configured attention backend (see :mod:`jaxdit.kernels`)."""
+    if impl == "xla":
+        return xla_attention(q, k, v, key_mask, scale)
+    from jaxdit.kernels import dispatch  # pylint: disable=import-outside-toplevel
+    return dispatch.attention(q, k, v, key_mask, impl=impl, scale=scale)
+
+
+class QKVProjection(nn.Module):
+    """Projects ``x`` (B, S, d) to per-head q, k, v with optional per-head QK RMSNorm.
+
+    Separate from the attention op so dual-stream models (MMDiT) can project each stream
+    with its own weights and attend jointly.
+    """
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    qk_norm: bool = True
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
+        hkv = self.num_kv_heads or self.num_heads
+        b, s, _ = x.shape
+        q = dense(self.num_heads * self.head_dim, ("embed", "heads"), name="q", **kw)(x)
+        k = dense(hkv * self.head_dim, ("embed", "kv_heads"), name="k", **kw)(x)
+        v = dense(hkv * self.head_dim, ("embed", "kv_heads"), name="v", **kw)(x)
+        q = q.reshape(b, s, self.num_heads, self.head_dim)
+        k = k.reshape(b, s, hkv, self.head_dim)
+        v = v.reshape(b, s, hkv, self.head_dim)
+        if self.qk_norm:
+            q = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="q_norm")(q)
+            k = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="k_norm")(k)
+        return q, k, v
+
+
+class SelfAttention(nn.Module):
+    """QKV projection (+QK-norm, +RoPE) -> :func:`attention` -> output projection.
+
+    Args to ``__call__``: ``x`` (B, S, d); ``key_mask`` (B, S) bool or None; ``rope``
+    optional ``(cos, sin)`` each ``(B|1, S, head_dim/2)``.
+    """
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    qk_norm: bool = True
+    use_bias: bool = True
+    impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask=None, rope=None):
+        q, k, v = QKVProjection(self.num_heads, self.head_dim, self.num_kv_heads, self.qk_norm,
+                                self.use_bias, self.dtype, self.param_dtype, name="qkv")(x)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = attention(q, k, v, key_mask, impl=self.impl)
+        return OutProjection(x.shape[-1], self.use_bias, self.dtype, self.param_dtype,
+                             name="out")(out)
+
+
+class OutProjection(nn.Module):
+    """Merges heads ``(B, S, H, D)`` and projects back to ``features``."""
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        b, s, h, d = x.shape
+        x = nn.with_logical_constraint(x.reshape(b, s, h * d), ("batch", "length", "act_heads"))
+        return dense(self.features, ("heads", "embed"), name="proj", use_bias=self.use_bias,
+                     dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class CrossAttention(nn.Module):
+    """Queries from ``x`` (B, S, d), keys/values from ``ctx`` (B, T, d), ``ctx_mask`` (B, T)."""
+    num_heads: int
+    head_dim: int
+    qk_norm: bool = True
+    impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, ctx, ctx_mask=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, s, _ = x.shape
+        t = ctx.shape[1]
+        hd = self.num_heads * self.head_dim
+        q = dense(hd, ("embed", "heads"), name="q", **kw)(x).reshape(b, s, self.num_heads, -1)
+        k = dense(hd, ("embed", "heads"), name="k", **kw)(ctx).reshape(b, t, self.num_heads, -1)
+        v = dense(hd, ("embed", "heads"), name="v", **kw)(ctx).reshape(b, t, self.num_heads, -1)
+        if self.qk_norm:
+            q = RMSNorm(name="q_norm", **kw)(q)
+            k = RMSNorm(name="k_norm", **kw)(k)
+        out = attention(q, k, v, ctx_mask, impl=self.impl)
+        return OutProjection(x.shape[-1], True, self.dtype, self.param_dtype, name="out")(out)

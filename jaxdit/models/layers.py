@@ -1,0 +1,272 @@
+"""Shared building blocks: dense layers with logical axes, norms, AdaLN, MLPs, embeddings, RoPE.
+
+Conventions: activations are ``(batch, length, features)``; ``dtype`` is the compute
+dtype and ``param_dtype`` the storage dtype of parameters (fp32 params + bf16 compute is
+the usual TPU setting).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+xavier = nn.initializers.xavier_uniform()
+zeros = nn.initializers.zeros
+ones = nn.initializers.ones
+
+
+def dense(features: int, axes: tuple[str | None, str | None], *, name: str | None = None,
+          use_bias: bool = True, init: Callable = xavier, dtype: Dtype = jnp.float32,
+          param_dtype: Dtype = jnp.float32) -> nn.Dense:
+    """``nn.Dense`` whose kernel/bias carry logical axis names ``axes=(in, out)``."""
+    return nn.Dense(
+        features, use_bias=use_bias, name=name, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(zeros, (axes[1],)))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last axis with a learnable scale (initialised to 1)."""
+    eps: float = 1e-6
+    use_scale: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        if self.use_scale:
+            scale = self.param("scale", nn.with_logical_partitioning(ones, ("norm",)),
+                               (x.shape[-1],), self.param_dtype)
+            y = y * scale.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm over the last axis; affine-free by default (AdaLN supplies shift/scale)."""
+    eps: float = 1e-6
+    use_affine: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.use_affine:
+            d = x.shape[-1]
+            y = y * self.param("scale", nn.with_logical_partitioning(ones, ("norm",)), (d,),
+                               self.param_dtype)
+            y = y + self.param("bias", nn.with_logical_partitioning(zeros, ("norm",)), (d,),
+                               self.param_dtype)
+        return y.astype(self.dtype)
+
+
+def modulate(x, shift, scale):
+    """AdaLN modulation ``x * (1 + scale) + shift``; shift/scale broadcast over length."""
+    return x * (1 + scale) + shift
+
+
+class AdaLNModulation(nn.Module):
+    """``SiLU -> Linear(cond_dim -> num_chunks * width)`` split into ``num_chunks`` vectors.
+
+    The one AdaLN helper used by every family. Input ``c``: ``(B, cond_dim)``; returns a
+    tuple of ``num_chunks`` arrays ``(B, 1, width)`` ready to broadcast over tokens.
+    ``zero_init`` makes shift/scale/gate start at 0 (adaLN-Zero, blocks start as identity).
+    """
+    width: int
+    num_chunks: int = 6
+    zero_init: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, c):
+        init = zeros if self.zero_init else nn.initializers.normal(0.02)
+        out = dense(self.num_chunks * self.width, ("embed", "mod"), name="proj", init=init,
+                    dtype=self.dtype, param_dtype=self.param_dtype)(nn.silu(c))
+        return tuple(jnp.split(out[:, None, :], self.num_chunks, axis=-1))
+
+
+class Mlp(nn.Module):
+    """Transformer MLP: ``Linear(d -> hidden) -> GELU(tanh) -> Linear(hidden -> d)``."""
+    hidden: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x)
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=True),
+                                       ("batch", "length", "act_mlp"))
+        return dense(d, ("mlp", "embed"), name="fc2", **kw)(h)
+
+
+def timestep_sinusoid(t, dim: int = 256, max_period: float = 10000.0):
+    """DiT/GLIDE sinusoidal embedding ``[cos, sin]`` of ``t`` (B,) -> (B, dim), in fp32."""
+    half = dim // 2
+    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[:, None] * freqs[None]
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """``t`` in [0, 1] (B,) -> (B, width): sinusoid(1000 t) then ``Linear-SiLU-Linear``."""
+    width: int
+    freq_dim: int = 256
+    time_scale: float = 1000.0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                  init=nn.initializers.normal(0.02))
+        e = timestep_sinusoid(t * self.time_scale, self.freq_dim).astype(self.dtype)
+        e = dense(self.width, ("cond", "embed"), name="fc1", **kw)(e)
+        return dense(self.width, ("embed", "embed_out"), name="fc2", **kw)(nn.silu(e))
+
+
+class PatchEmbed(nn.Module):
+    """Image/latent ``(B, H, W, C)`` -> tokens ``(B, H/p * W/p, width)`` (row-major)."""
+    width: int
+    patch: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        tokens = patchify(x, self.patch)
+        return dense(self.width, ("patch", "embed"), name="proj", dtype=self.dtype,
+                     param_dtype=self.param_dtype)(tokens)
+
+
+def patchify(x, p: int):
+    """``(B, H, W, C)`` -> ``(B, (H/p)(W/p), p*p*C)``; features ordered ``(ph, pw, c)``."""
+    b, h, w, c = x.shape
+    if h % p or w % p:
+        raise ValueError(f"Spatial size {(h, w)} is not divisible by patch size {p}.")
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
+def unpatchify(tokens, p: int, h: int, w: int, c: int):
+    """Inverse of :func:`patchify`: ``(B, N, p*p*C)`` -> ``(B, H, W, C)``."""
+    b = tokens.shape[0]
+    x = tokens.reshape(b, h // p, w // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h, w, c)
+
+
+class FinalLayer(nn.Module):
+    """Norm -> AdaLN shift/scale from ``c`` -> Linear to ``out_dim``; all zero-init."""
+    out_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, c):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        shift, scale = AdaLNModulation(x.shape[-1], 2, name="adaln", **kw)(c)
+        x = modulate(LayerNorm(dtype=self.dtype)(x), shift, scale)
+        return dense(self.out_dim, ("embed", "patch"), name="proj", init=zeros, **kw)(x)
+
+
+class TextAdapter(nn.Module):
+    """Projects text-encoder tokens (B, L, Dt) to the model width: ``Linear-GELU-Linear``."""
+    width: int
+    hidden: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = dense(self.hidden, ("text_embed", "mlp"), name="fc1", **kw)(x.astype(self.dtype))
+        return dense(self.width, ("mlp", "embed"), name="fc2", **kw)(nn.gelu(h, approximate=True))
+
+
+class ConditionEmbedder(nn.Module):
+    """Global condition ``c = TimestepMLP(t) + PooledMLP(pooled)`` (MMDiT style), or a class
+    embedding instead of the pooled text when ``num_classes`` > 0 (row ``num_classes`` is the
+    null class used for classifier-free guidance)."""
+    width: int
+    num_classes: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, t, pooled=None, label=None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        c = TimestepEmbedder(self.width, name="t_embed", **kw)(t)
+        if self.num_classes:
+            table = nn.Embed(self.num_classes + 1, self.width, name="label_embed",
+                             embedding_init=nn.with_logical_partitioning(
+                                 nn.initializers.normal(0.02), ("vocab", "embed")),
+                             dtype=self.dtype, param_dtype=self.param_dtype)
+            c = c + table(label)
+        if pooled is not None:
+            p = dense(self.width, ("text_embed", "embed"), name="pooled_fc1", **kw)(
+                pooled.astype(self.dtype))
+            c = c + dense(self.width, ("embed", "embed_out"), name="pooled_fc2", **kw)(nn.silu(p))
+        return c
+
+
+# ----------------------------------------------------------------------------------------
+# Rotary position embeddings over several position axes (2D for DiT-Air, 3D for Lumina).
+# ----------------------------------------------------------------------------------------
+
+def rope_tables(pos_ids, axes_dims: Sequence[int], theta: float = 10000.0):
+    """Cos/sin tables for multi-axis RoPE.
+
+    Args:
+      pos_ids: int ``(B, S, A)`` (or ``(S, A)``) position per token along ``A`` axes.
+      axes_dims: rotary channels per axis (each even); their sum is the head dim.
+    Returns:
+      ``(cos, sin)`` each ``(..., S, sum(axes_dims)/2)`` in fp32; axis ``a`` owns a
+      contiguous block of ``axes_dims[a]/2`` frequency pairs.
+    """
+    parts = []
+    for a, d in enumerate(axes_dims):
+        if d % 2:
+            raise ValueError(f"RoPE axis dims must be even, got {axes_dims}.")
+        inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+        parts.append(pos_ids[..., a].astype(jnp.float32)[..., None] * inv)
+    ang = jnp.concatenate(parts, axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, cos, sin):
+    """Rotates interleaved channel pairs ``(x[2i], x[2i+1])`` of ``x`` (B, S, H, D).
+
+    ``cos``/``sin`` are ``(B or 1, S, D/2)``. Position 0 is the identity rotation.
+    """
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    c, s = cos[:, :, None, :], sin[:, :, None, :]
+    out = jnp.stack([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+def grid_positions(h: int, w: int):
+    """Row-major ``(h*w, 2)`` int32 (row, col) ids of an ``h x w`` token grid."""
+    r, c = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
+    return jnp.stack([r.reshape(-1), c.reshape(-1)], axis=-1).astype(jnp.int32)
+
+
+def sincos_2d(h: int, w: int, dim: int):
+    """Fixed MAE/DiT 2D sin-cos position embedding ``(h*w, dim)`` (no parameters)."""
+    pos = grid_positions(h, w).astype(jnp.float32)
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
+    out = [f(pos[:, i:i + 1] * omega) for i in (0, 1) for f in (jnp.sin, jnp.cos)]
+    emb = jnp.concatenate(out, axis=-1)
+    return jnp.pad(emb, ((0, 0), (0, dim - emb.shape[-1])))

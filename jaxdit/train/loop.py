@@ -1,0 +1,235 @@
+"""The one train loop for every model family.
+
+``train_and_evaluate(config, workdir)``: mesh -> model -> data -> sharded state (or resume
+from the latest checkpoint) -> jitted ``train_step`` -> periodic validation loss, sample
+grids and checkpoints. Writes into ``workdir``: ``checkpoints/``, ``samples/``, ``tb/``,
+``metrics.jsonl`` and ``config.json``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
+from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
+from jaxdit.eval.validation import make_val_loss_fn
+from jaxdit.models.registry import build_model
+from jaxdit.models.vae import make_autoencoder
+from jaxdit.parallel.mesh import LOGICAL_RULES, batch_divisor, batch_sharding, make_mesh
+from jaxdit.train.checkpoint import Checkpointer
+from jaxdit.train.metrics import MetricWriter, Progress
+from jaxdit.train.optimizers import make_optimizer
+from jaxdit.train.state import (abstract_state, count_params, create_train_state,
+                                 state_shardings)
+from jaxdit.train.step import train_step
+
+log = logging.getLogger("jaxdit")
+
+
+class ConfigError(ValueError):
+    """A config that cannot work (raised before anything expensive happens)."""
+
+
+def validate_config(config, mesh) -> None:
+    t = config.train
+    div = batch_divisor(mesh)
+    if t.batch_size <= 0 or t.batch_size % div:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be a positive multiple of the "
+                          f"{div} devices the batch is split over (mesh {dict(mesh.shape)}).")
+    if t.batch_size % config.optim.grad_accum or (t.batch_size // config.optim.grad_accum) % div:
+        raise ConfigError(f"train.batch_size={t.batch_size} / optim.grad_accum="
+                          f"{config.optim.grad_accum} must be a multiple of {div}.")
+    if t.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size={t.batch_size} must divide over "
+                          f"{jax.process_count()} hosts.")
+    if t.steps < 1:
+        raise ConfigError(f"train.steps must be >= 1, got {t.steps}.")
+    if config.data.image_size % (config.model.patch_size * config.latent.downsample):
+        raise ConfigError(f"data.image_size={config.data.image_size} must be a multiple of "
+                          f"model.patch_size * latent.downsample = "
+                          f"{config.model.patch_size * config.latent.downsample}.")
+    if not 0.0 <= config.data.caption_dropout < 1.0:
+        raise ConfigError(f"data.caption_dropout must be in [0, 1), got "
+                          f"{config.data.caption_dropout}.")
+
+
+def example_inputs(config, batch: int = 1):
+    """Zero inputs with the right shapes for ``model.init``."""
+    s, c = config.data.image_size // config.latent.downsample, config.latent.channels
+    x = jnp.zeros((batch, s, s, c))
+    t = jnp.zeros((batch,))
+    n = config.text.max_len
+    if config.text.kind == "trainable":
+        cond = {"text_ids": jnp.zeros((batch, n), jnp.int32),
+                "text_mask": jnp.ones((batch, n), bool)}
+    else:
+        cond = {"text_tokens": jnp.zeros((batch, n, config.text.width)),
+                "text_mask": jnp.ones((batch, n), bool),
+                "text_pooled": jnp.zeros((batch, config.text.width))}
+    return x, t, cond
+
+
+class Experiment:
+    """Everything built from a config: mesh, model, optimizer, jitted step and samplers."""
+
+    def __init__(self, config, devices=None):
+        self.config = config
+        self.mesh = make_mesh(dict(config.mesh), devices)
+        validate_config(config, self.mesh)
+        self.tokenizer = make_tokenizer(config.data)
+        if config.text.kind == "trainable":
+            config.text.vocab_size = self.tokenizer.vocab_size
+        self.model = build_model(config)
+        self.autoencoder = make_autoencoder(config.latent)
+        self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
+        inputs = example_inputs(config)
+        self.init_variables = lambda rng: self.model.init(rng, *inputs)
+
+    def create_state(self):
+        state, self.state_sh = create_train_state(self.init_variables, self.tx, self.mesh,
+                                                  self.config.seed)
+        return state
+
+    def abstract_state(self):
+        """Shape/sharding tree of the state, for restoring a checkpoint into."""
+        self.state_sh = state_shardings(self.init_variables, self.tx, self.mesh)
+        return abstract_state(self.state_sh, self.init_variables, self.tx)
+
+    def batch_shardings(self, batch):
+        return {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+
+    def jit_train_step(self, example_batch):
+        step = functools.partial(train_step, model=self.model, autoencoder=self.autoencoder,
+                                 tx=self.tx, schedule=self.schedule, cfg=self.config)
+        return jax.jit(step, in_shardings=(self.state_sh, self.batch_shardings(example_batch)),
+                       out_shardings=(self.state_sh, None), donate_argnums=(0,))
+
+    def to_global(self, host_batch):
+        """Host-local numpy batch -> global ``jax.Array``s sharded over the batch axes."""
+        return {k: jax.make_array_from_process_local_data(batch_sharding(self.mesh, np.ndim(v)),
+                                                          np.asarray(v))
+                for k, v in host_batch.items()}
+
+    def context(self):
+        """Mesh + logical-axis-rules context every jitted call runs under."""
+        import contextlib
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
+        return stack
+
+
+def _variables(state, ema: bool = True):
+    return {"params": state.ema_params if ema else state.params, **state.model_state}
+
+
+def evaluate(exp: Experiment, state, step: int, writer: MetricWriter):
+    cfg = exp.config
+    per_host = cfg.train.batch_size // jax.process_count()
+    val_ds = make_dataset(cfg, "val", per_host, process_index=jax.process_index(),
+                          process_count=jax.process_count(), repeat=True)
+    fn = make_val_loss_fn(exp.model, exp.autoencoder, cfg.eval.t_grid)
+    it = iter(val_ds)
+    total = np.zeros(len(cfg.eval.t_grid))
+    for i in range(cfg.train.val_batches):
+        batch = exp.to_global(next(it))
+        total += np.asarray(fn(_variables(state), batch, jax.random.PRNGKey(10_000 + i)))
+    total /= cfg.train.val_batches
+    scalars = {"val/loss": total.mean(),
+               **{f"val/loss_t{t:.2f}": v for t, v in zip(cfg.eval.t_grid, total)}}
+    writer.write(step, scalars)
+    return scalars
+
+
+def validation_captions(config, n: int) -> list[str]:
+    source = make_source(config.data, "val")
+    return [source[i]["caption"] for i in range(min(n, len(source)))]
+
+
+def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None) -> str:
+    """Samples ``captions`` (default: the first validation captions) with the EMA weights
+    and writes ``samples/step_<step>.png`` plus the captions beside it."""
+    cfg = exp.config
+    captions = captions or validation_captions(cfg, cfg.sampler.num_samples)
+    cond = encode_captions(exp.tokenizer, captions, cfg.text.max_len)
+    s = cfg.data.image_size
+    sample_fn = make_sample_fn(exp.model, exp.autoencoder, cfg, (s, s, 3))
+    images = sample_fn(_variables(state), {k: jnp.asarray(v) for k, v in cond.items()},
+                       jax.random.PRNGKey(cfg.sampler.seed))
+    cols = int(np.ceil(np.sqrt(len(captions))))
+    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
+    save_grid(np.asarray(images), path, cols=cols)
+    write_captions(captions, path.replace(".png", ".txt"), cols)
+    return path
+
+
+def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
+
+    Returns the last logged metrics (plus ``samples`` and ``checkpoint_step``).
+    """
+    os.makedirs(workdir, exist_ok=True)
+    exp = Experiment(config, devices)
+    cfg = config
+    is_main = jax.process_index() == 0
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(cfg.to_json_best_effort(indent=2))
+    per_host = cfg.train.batch_size // jax.process_count()
+    train_ds = make_dataset(cfg, "train", per_host, process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    train_iter = iter(train_ds)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints,
+                        cfg.train.async_checkpointing)
+    writer = MetricWriter(workdir, enabled=is_main)
+    with exp.context():
+        if ckpt.latest_step() is not None:
+            state, start = ckpt.restore(exp.abstract_state(), train_iter)
+            log.info("Resumed from step %d", start)
+            print(f"Resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
+        else:
+            state, start = exp.create_state(), 0
+        n_params = count_params(state.params)
+        print(f"Model {cfg.model.family}: {n_params / 1e6:.2f}M params | mesh "
+              f"{dict(exp.mesh.shape)} | global batch {cfg.train.batch_size}", flush=True)
+        batch = exp.to_global(next(train_iter))
+        step_fn = exp.jit_train_step(batch)
+        progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.train.batch_size)
+        last = {}
+        t_start = time.perf_counter()
+        for step in range(start + 1, cfg.train.steps + 1):
+            if step > start + 1:
+                batch = exp.to_global(next(train_iter))
+            state, metrics = step_fn(state, batch)
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                if not np.isfinite(scalars["loss"]):
+                    raise FloatingPointError(f"Non-finite loss {scalars['loss']} at step {step}.")
+                rate = progress.update(step, scalars) or {}
+                writer.write(step, {**scalars, **{f"perf/{k}": v for k, v in rate.items()}})
+                last = {**scalars, **rate}
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                last.update(evaluate(exp, state, step, writer))
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and is_main:
+                write_samples(exp, state, step, workdir)
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+                ckpt.save(step, state, train_iter, cfg)
+        progress.close()
+        final_step = int(jax.device_get(state.step))
+        evaluated = cfg.train.eval_every and final_step % cfg.train.eval_every == 0
+        if start < cfg.train.steps and not evaluated:
+            last.update(evaluate(exp, state, final_step, writer))
+        last["samples"] = write_samples(exp, state, final_step, workdir) if is_main else None
+        last["train_time_s"] = time.perf_counter() - t_start
+    ckpt.close()
+    writer.close()
+    last["checkpoint_step"] = final_step
+    return last

@@ -40,12 +40,23 @@ def xla_attention(q, k, v, key_mask=None, scale: float | None = None):
     return out.reshape(b, s, h, d)
 
 
+HEAD_AXES = ("batch", "length", "act_heads", None)
+
+
 def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None):
-    """Dispatches to the configured attention backend (see :mod:`jaxdit.kernels`)."""
+    """Dispatches to the configured attention backend (see :mod:`jaxdit.kernels`).
+
+    Inputs and output are pinned to ``(batch, length, heads, head_dim)`` logical shardings
+    (batch over data-parallel axes, heads over ``tensor``), so every backend sees the same
+    layout and the partitioner has no freedom to pick a different one per call site.
+    """
+    q, k, v = (nn.with_logical_constraint(a, HEAD_AXES) for a in (q, k, v))
     if impl == "xla":
-        return xla_attention(q, k, v, key_mask, scale)
-    from jaxdit.kernels import dispatch  # pylint: disable=import-outside-toplevel
-    return dispatch.attention(q, k, v, key_mask, impl=impl, scale=scale)
+        out = xla_attention(q, k, v, key_mask, scale)
+    else:
+        from jaxdit.kernels import dispatch  # pylint: disable=import-outside-toplevel
+        out = dispatch.attention(q, k, v, key_mask, impl=impl, scale=scale)
+    return nn.with_logical_constraint(out, HEAD_AXES)
 
 
 class QKVProjection(nn.Module):

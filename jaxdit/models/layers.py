@@ -92,6 +92,11 @@ class AdaLNModulation(nn.Module):
         init = zeros if self.zero_init else nn.initializers.normal(0.02)
         out = dense(self.num_chunks * self.width, ("embed", "mod"), name="proj", init=init,
                     dtype=self.dtype, param_dtype=self.param_dtype)(nn.silu(c))
+        # The weight is split over "tensor" along its 6d outputs, but the activation is
+        # pinned to (batch, replicated) before the split into chunks: letting the partitioner
+        # carry the tensor-sharded dim through the split mis-orders batch shards on
+        # data x fsdp x tensor meshes (caught by tests/test_sharding.py).
+        out = nn.with_logical_constraint(out, ("batch", "act_embed"))
         return tuple(jnp.split(out[:, None, :], self.num_chunks, axis=-1))
 
 

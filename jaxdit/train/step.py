@@ -78,6 +78,6 @@ def train_step(state: TrainState, batch, *, model, autoencoder, tx, schedule, cf
     ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state, rng=rng)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step), **aux}
     return new_state, metrics

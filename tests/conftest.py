@@ -1,0 +1,19 @@
+"""Test setup: 8 fake CPU devices (set before JAX is imported) and parsed absl flags
+(Grain reads absl flags; under pytest nobody parses them)."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()
+jax.config.update("jax_threefry_partitionable", True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _check_devices():
+    assert jax.device_count() == 8, "tests need 8 fake CPU devices (XLA_FLAGS set too late?)"

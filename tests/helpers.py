@@ -1,0 +1,32 @@
+"""Small shared test utilities: tiny configs and a deterministic batch."""
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdit import config_lib
+
+VARIANTS = [
+    ("dit_air", "tiny"), ("dit_air", "tiny,share=full"), ("dit_air", "tiny,share=attention"),
+    ("pixart", "tiny"), ("mmdit", "tiny"), ("mmdit", "tiny,adaln=shared"),
+]
+
+
+def tiny_config(family="dit_air", arg="tiny", **train):
+    c = config_lib.air_family_config(family, arg)
+    c.model.update(depth=2, width=64, num_heads=4, pos_embed_max_size=16)
+    c.text.update(width=32, depth=1, num_heads=2, max_len=8)
+    c.data.update(image_size=16, num_train=256, num_val=64)
+    c.train.update(batch_size=8, steps=4, log_every=1, eval_every=0, ckpt_every=2,
+                   val_batches=1, async_checkpointing=False)
+    c.sampler.update(num_steps=2, num_samples=2)
+    c.train.update(**train)
+    return c
+
+
+def fixed_batch(config, batch=8, seed=0):
+    rng = np.random.default_rng(seed)
+    s, n = config.data.image_size, config.text.max_len
+    mask = np.arange(n)[None] < rng.integers(1, n + 1, size=(batch, 1))
+    return {"image": jnp.asarray(rng.uniform(-1, 1, (batch, s, s, 3)), jnp.float32),
+            "text_ids": jnp.asarray(rng.integers(3, 20, (batch, n)) * mask, jnp.int32),
+            "text_mask": jnp.asarray(mask),
+            "label": jnp.asarray(rng.integers(0, 18, (batch,)), jnp.int32)}

@@ -1,0 +1,134 @@
+"""Model shapes, zero-init identity, and parameter counts against DiT-Air Tables 1-3."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.tree_util import keystr, tree_flatten_with_path
+
+from jaxdit import config_lib
+from jaxdit.models.attention import xla_attention
+from jaxdit.models.registry import build_denoiser, build_model
+from jaxdit.train.state import strip_boxes
+from tests.helpers import VARIANTS, fixed_batch, tiny_config
+
+
+def _init(config, batch=2):
+    model = build_model(config)
+    b = fixed_batch(config, batch)
+    cond = {"text_ids": b["text_ids"], "text_mask": b["text_mask"]}
+    t = jnp.linspace(0.1, 0.9, batch)
+    with nn.logical_axis_rules(()):
+        variables = nn.unbox(model.init(jax.random.PRNGKey(0), b["image"], t, cond))
+    return model, variables, b["image"], t, cond
+
+
+@pytest.mark.parametrize("family,arg", VARIANTS)
+def test_output_shape_and_zero_init(family, arg):
+    cfg = tiny_config(family, arg)
+    cfg.text.vocab_size = 32
+    model, variables, x, t, cond = _init(cfg)
+    out = model.apply(variables, x, t, cond)
+    assert out.shape == x.shape and out.dtype == jnp.float32
+    # adaLN-Zero / zero-init final layer: the model starts by predicting exactly 0.
+    np.testing.assert_array_equal(np.asarray(out), 0.0)
+
+
+@pytest.mark.parametrize("arg", ["tiny", "tiny,share=full", "tiny,share=attention"])
+def test_dit_air_blocks_start_as_identity(arg):
+    cfg = tiny_config("dit_air", arg)
+    cfg.text.vocab_size = 32
+    model, variables, x, t, cond = _init(cfg)
+    _, inter = model.apply(variables, x, t, cond, capture_intermediates=True)
+    den = inter["intermediates"]["denoiser"]
+    seq0 = jnp.concatenate([den["text_adapter"]["__call__"][0],
+                            den["patch_embed"]["__call__"][0]], axis=1)
+    outs = [o for k, v in den.items() if "block" in k for o in v["__call__"]]
+    assert len(outs) == cfg.model.depth
+    for o in outs:
+        np.testing.assert_allclose(np.asarray(o), np.asarray(seq0), atol=1e-6)
+
+
+def test_bf16_compute_runs_and_is_close_to_fp32():
+    cfg = tiny_config("dit_air", "tiny")
+    cfg.text.vocab_size = 32
+    model, variables, x, t, cond = _init(cfg)
+    variables = jax.tree.map(lambda a: a + 0.02 * jnp.cos(jnp.arange(a.size).reshape(a.shape)),
+                             variables)
+    ref = model.apply(variables, x, t, cond)
+    cfg.model.dtype = "bfloat16"
+    out = build_model(cfg).apply(variables, x, t, cond)
+    assert out.dtype == jnp.float32
+    err = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
+    assert 0 < err < 0.05
+
+
+def test_gqa_attention_matches_repeated_kv_and_respects_mask():
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.normal(size=(2, 5, 6, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 7, 2, 8)), jnp.float32)
+    mask = jnp.asarray(np.arange(7)[None] < np.array([[4], [7]]))
+    out = xla_attention(q, k, v, mask)
+    kr, vr = jnp.repeat(k, 3, axis=2), jnp.repeat(v, 3, axis=2)
+    logits = jnp.einsum("bshd,bthd->bhst", q, kr) / np.sqrt(8)
+    logits = jnp.where(mask[:, None, None], logits, -1e30)
+    ref = jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(logits, -1), vr)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    # Masked keys have no influence.
+    k2 = k.at[0, 5].set(100.0)
+    np.testing.assert_allclose(xla_attention(q, k2, v, mask)[0], out[0], atol=1e-6)
+
+
+# ---------------------------------------------------------------- parameter counts
+
+def _abstract_params(family, arg):
+    cfg = config_lib.air_family_config(family, arg)
+    model = build_denoiser(cfg.model, cfg.latent.channels)
+    s = cfg.data.image_size // cfg.latent.downsample
+    x = jnp.zeros((1, s, s, cfg.latent.channels))
+    cond = {"text_tokens": jnp.zeros((1, 4, cfg.text.width)), "text_mask": jnp.ones((1, 4), bool),
+            "text_pooled": jnp.zeros((1, cfg.text.width))}
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, jnp.zeros(1), cond))
+    return cfg, strip_boxes(shapes["params"])
+
+
+def _count(tree):
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("family,arg,expected", [
+    ("dit_air", "B", 321e6), ("dit_air", "B,share=full", 49e6),
+    ("dit_air", "B,share=attention", 230e6), ("mmdit", "B", 902e6),
+    ("mmdit", "B,adaln=shared", 631e6)])
+def test_paper_param_counts_within_one_percent(family, arg, expected):
+    _, params = _abstract_params(family, arg)
+    n = _count(params)
+    assert abs(n / expected - 1) < 0.01, f"{family}:{arg} has {n:,} params, paper {expected:,.0f}"
+
+
+BLOCK_PREFIXES = ("block", "shared_block", "shared_attn", "adaln")
+
+
+def _block_matrix_params(params):
+    """Matrix weights (ndim >= 2) of transformer blocks and the (shared) AdaLN."""
+    total = 0
+    for path, leaf in tree_flatten_with_path(params)[0]:
+        top = keystr(path[:1]).strip("[]'")
+        if top.startswith(BLOCK_PREFIXES) and path[-1].key == "kernel":
+            total += int(np.prod(leaf.shape))
+    return total
+
+
+@pytest.mark.parametrize("size", ["S", "B"])
+@pytest.mark.parametrize("family,arg,formula", [
+    ("dit_air", "", lambda n: 12 + 12 * n),
+    ("dit_air", "share=full", lambda n: 24),
+    ("dit_air", "share=attention", lambda n: 16 + 8 * n),
+    ("pixart", "", lambda n: 6 + 16 * n),
+    ("mmdit", "", lambda n: 36 * n),
+    ("mmdit", "adaln=shared", lambda n: 24 * n + 12)])
+def test_table1_block_formulas_exact(size, family, arg, formula):
+    cfg, params = _abstract_params(family, ",".join(filter(None, [size, arg])))
+    d, n = cfg.model.width, cfg.model.depth
+    assert _block_matrix_params(params) == formula(n) * d * d

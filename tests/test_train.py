@@ -1,0 +1,135 @@
+"""Training loop: exact resume, checkpoint round trip, optimizers and bad-config errors."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxdit import config_lib
+from jaxdit.parallel.mesh import MeshConfigError, make_mesh, resolve_mesh_shape
+from jaxdit.train.checkpoint import CheckpointError, Checkpointer
+from jaxdit.train.loop import ConfigError, Experiment, train_and_evaluate
+from jaxdit.train.optimizers import make_optimizer, scale_by_factored_rms
+from tests.helpers import tiny_config
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    full = str(tmp_path / "full")
+    train_and_evaluate(tiny_config(steps=4), full)
+    split = str(tmp_path / "split")
+    first = train_and_evaluate(tiny_config(steps=2), split)
+    assert first["checkpoint_step"] == 2
+    second = train_and_evaluate(tiny_config(steps=4), split)
+    assert second["checkpoint_step"] == 4
+    a, b = _losses(full), _losses(split)
+    assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert a[step] == b[step], f"step {step}: {a[step]} != {b[step]}"
+    assert os.path.exists(second["samples"])
+    assert sorted(os.listdir(os.path.join(split, "checkpoints"))) == ["2", "4"]
+
+
+def test_checkpoint_round_trip_restores_every_field(tmp_path):
+    cfg = tiny_config(steps=2)
+    exp = Experiment(cfg)
+    with exp.context():
+        state = exp.create_state()
+        state = state.replace(step=jnp.asarray(7, jnp.int32),
+                              ema_params=jax.tree.map(lambda a: a + 1.0, state.ema_params))
+        ck = Checkpointer(str(tmp_path / "ck"), keep=2, async_save=True)
+        ck.save(7, state, config=cfg)
+        ck.wait()
+        restored, step = ck.restore(exp.abstract_state())
+    assert step == 7
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert a.sharding == b.sharding
+    assert ck.restore_config().model.family == "dit_air"
+    ck.close()
+    with pytest.raises(CheckpointError):
+        Checkpointer(str(tmp_path / "nothing"), create=False)
+    empty = Checkpointer(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="No checkpoint"):
+        empty.restore(None)
+
+
+def test_adafactor_constant_b2_factored_and_unfactored():
+    tx = scale_by_factored_rms(b2=0.999, min_dim_size_to_factor=4)
+    params = {"w": jnp.ones((8, 6)), "b": jnp.ones((3,))}
+    state = tx.init(params)
+    assert state.v_row["w"].shape == (8,) and state.v_col["w"].shape == (6,)
+    assert state.v["b"].shape == (3,)
+    grads = {"w": jnp.full((8, 6), 2.0), "b": jnp.array([1.0, -2.0, 3.0])}
+    updates, state = tx.update(grads, state)
+    # Bias-corrected first step: update = g / |g| elementwise for constant gradients.
+    np.testing.assert_allclose(updates["w"], 1.0, rtol=1e-5)
+    np.testing.assert_allclose(updates["b"], [1.0, -1.0, 1.0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["adafactor", "adamw"])
+def test_optimizers_minimise_a_quadratic(name):
+    cfg = config_lib.base_config().optim
+    cfg.update(name=name, lr=0.05, clip_norm=1.0)
+    tx, schedule = make_optimizer(cfg, 200)
+    params = {"w": jnp.full((16, 16), 3.0)}
+    state = tx.init(params)
+    loss = lambda p: jnp.sum(p["w"] ** 2)
+    for _ in range(200):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        params = optax.apply_updates(params, updates)
+    assert float(loss(params)) < 0.05 * 16 * 16 * 9
+    assert float(schedule(0)) == pytest.approx(0.05)
+
+
+def test_mesh_shapes_and_errors():
+    assert resolve_mesh_shape({"data": -1, "tensor": 2}, 8)["data"] == 4
+    with pytest.raises(MeshConfigError, match="multiplies to 4 devices but 8"):
+        resolve_mesh_shape({"data": 2, "fsdp": 2}, 8)
+    with pytest.raises(MeshConfigError, match="At most one"):
+        resolve_mesh_shape({"data": -1, "fsdp": -1}, 8)
+    with pytest.raises(MeshConfigError, match="does not divide"):
+        resolve_mesh_shape({"data": -1, "tensor": 3}, 8)
+    with pytest.raises(MeshConfigError, match="Unknown mesh axes"):
+        resolve_mesh_shape({"model": 8}, 8)
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1, "sequence": 1}
+
+
+@pytest.mark.parametrize("mutate,error,match", [
+    (lambda c: c.train.update(batch_size=6), ConfigError, "multiple of the 8 devices"),
+    (lambda c: c.optim.update(grad_accum=3), ConfigError, "grad_accum"),
+    (lambda c: c.data.update(image_size=18), ConfigError, "multiple of"),
+    (lambda c: c.model.update(family="unet"), ValueError, "Unknown model.family"),
+    (lambda c: c.model.update(num_heads=5), ValueError, "not divisible"),
+    (lambda c: c.optim.update(name="sgd"), ValueError, "Unknown optim.name"),
+    (lambda c: c.text.update(kind="clip"), ValueError, "Unknown text.kind"),
+    (lambda c: c.latent.update(kind="kl_vae"), ValueError, "Unknown autoencoder"),
+    (lambda c: c.data.update(source="laion"), ValueError, "Unknown data.source"),
+    (lambda c: c.mesh.update(data=3), MeshConfigError, "multiplies to 3"),
+])
+def test_bad_configs_fail_fast_with_clear_errors(tmp_path, mutate, error, match):
+    cfg = tiny_config()
+    mutate(cfg)
+    with pytest.raises(error, match=match):
+        train_and_evaluate(cfg, str(tmp_path / "wd"))
+
+
+def test_config_argument_parsing():
+    c = config_lib.air_family_config("dit_air", "B,share=attention")
+    assert (c.model.depth, c.model.width, c.model.num_heads) == (18, 1152, 18)
+    assert c.model.share == "attention" and c.text.width == 1024 and c.latent.channels == 8
+    with pytest.raises(ValueError, match="Unknown size"):
+        config_lib.air_family_config("dit_air", "Q")
+    with pytest.raises(ValueError, match="Unknown model field"):
+        config_lib.air_family_config("dit_air", "tiny,sharing=full")
+    with pytest.raises(ValueError, match="key=value"):
+        config_lib.air_family_config("dit_air", "tiny,full")

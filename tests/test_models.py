@@ -132,3 +132,27 @@ def test_table1_block_formulas_exact(size, family, arg, formula):
     cfg, params = _abstract_params(family, ",".join(filter(None, [size, arg])))
     d, n = cfg.model.width, cfg.model.depth
     assert _block_matrix_params(params) == formula(n) * d * d
+
+
+def test_precomputed_text_features_and_caption_dropout():
+    """A frozen/pretrained encoder plugs in as precomputed features; dropout nulls them."""
+    from jaxdit.models.registry import drop_condition
+    cfg = tiny_config()
+    cfg.text.update(kind="precomputed", width=24)
+    model = build_model(cfg)
+    assert model.text_encoder is None
+    rng = np.random.default_rng(0)
+    cond = {"text_tokens": jnp.asarray(rng.normal(size=(2, 8, 24)), jnp.float32),
+            "text_mask": jnp.ones((2, 8), bool),
+            "text_pooled": jnp.asarray(rng.normal(size=(2, 24)), jnp.float32)}
+    x, t = jnp.zeros((2, 16, 16, 3)), jnp.array([0.2, 0.7])
+    variables = nn.unbox(model.init(jax.random.PRNGKey(0), x, t, cond))
+    assert model.apply(variables, x, t, cond).shape == x.shape
+    dropped = drop_condition(cond, jnp.array([True, False]))
+    np.testing.assert_array_equal(dropped["text_tokens"][0], cond["text_tokens"][0])
+    np.testing.assert_array_equal(dropped["text_tokens"][1], 0.0)
+    np.testing.assert_array_equal(dropped["text_pooled"][1], 0.0)
+    assert dropped["text_mask"][1].tolist() == [True] + [False] * 7
+    ids = {"text_ids": jnp.full((2, 8), 5, jnp.int32), "text_mask": jnp.ones((2, 8), bool)}
+    d = drop_condition(ids, jnp.array([False, True]))
+    assert d["text_ids"][0].tolist() == [1] + [0] * 7 and d["text_ids"][1].tolist() == [5] * 8

@@ -156,3 +156,17 @@ def test_precomputed_text_features_and_caption_dropout():
     ids = {"text_ids": jnp.full((2, 8), 5, jnp.int32), "text_mask": jnp.ones((2, 8), bool)}
     d = drop_condition(ids, jnp.array([False, True]))
     assert d["text_ids"][0].tolist() == [1] + [0] * 7 and d["text_ids"][1].tolist() == [5] * 8
+
+
+@pytest.mark.parametrize("family", ["dit_air", "mmdit"])  # one block output / a tuple
+def test_remat_gives_the_same_gradients(family):
+    cfg = tiny_config(family, "tiny")
+    cfg.text.vocab_size = 32
+    model, variables, x, t, cond = _init(cfg)
+    variables = jax.tree.map(lambda a: a + 0.02 * jnp.cos(jnp.arange(a.size).reshape(a.shape)),
+                             variables)
+    loss = lambda m: lambda v: jnp.mean(m.apply(v, x, t, cond) ** 2)
+    g_ref = jax.grad(loss(model))(variables)
+    cfg.model.remat = True
+    g = jax.grad(loss(build_model(cfg)))(variables)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, g_ref)

@@ -26,9 +26,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdit.models.attention import SelfAttention
-from jaxdit.models.layers import (AdaLNModulation, ConditionEmbedder, FinalLayer, LayerNorm,
-                                  Mlp, PatchEmbed, RMSNorm, TextAdapter, grid_positions,
-                                  modulate, rope_tables, unpatchify)
+from jaxdit.models.base import Block, Denoiser
+from jaxdit.models.layers import (AdaLNModulation, LayerNorm, Mlp, RMSNorm, grid_positions,
+                                  modulate, rope_tables)
 
 Dtype = Any
 SHARE_MODES = ("none", "full", "attention")
@@ -67,97 +67,63 @@ class SandwichResidual(nn.Module):
         return x + gate * h
 
 
-class AirBlock(nn.Module):
+class AirBlock(Block):
     """One DiT-Air block over the joint sequence. ``mods`` = 6 per-token ``(B, S, d)`` arrays
     (shift/scale/gate for attention, then for the MLP). ``attn`` may be a shared module."""
-    width: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    qk_norm: bool = True
-    sandwich: bool = True
-    attn_impl: str = "xla"
     attn: nn.Module | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, mods, key_mask, rope):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = self.attn or SelfAttention(self.num_heads, self.width // self.num_heads,
-                                          qk_norm=self.qk_norm, impl=self.attn_impl,
-                                          name="attn", **kw)
-        mlp = Mlp(int(self.width * self.mlp_ratio), name="mlp", **kw)
-        x = SandwichResidual(self.sandwich, name="attn_res", **kw)(
+        attn = self.attn or SelfAttention(self.num_heads, self.head_dim, qk_norm=self.qk_norm,
+                                          impl=self.attn_impl, name="attn", **self.kw)
+        mlp = Mlp(int(self.width * self.mlp_ratio), name="mlp", **self.kw)
+        x = SandwichResidual(self.sandwich, name="attn_res", **self.kw)(
             x, lambda h: attn(h, key_mask, rope), *mods[:3])
-        x = SandwichResidual(self.sandwich, name="mlp_res", **kw)(x, mlp, *mods[3:])
+        x = SandwichResidual(self.sandwich, name="mlp_res", **self.kw)(x, mlp, *mods[3:])
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
 
-class DiTAir(nn.Module):
-    """DiT-Air denoiser.
-
-    ``__call__(x, t, cond)``: ``x`` latents ``(B, H, W, C)``, ``t`` ``(B,)`` in [0, 1],
-    ``cond`` dict with ``text_tokens`` (B, L, Dt), ``text_mask`` (B, L) bool and
-    ``text_pooled`` (B, Dt). Returns the prediction ``(B, H, W, C)``.
-    """
-    depth: int
-    width: int
-    num_heads: int
-    patch_size: int = 2
-    out_channels: int = 3
-    mlp_ratio: float = 4.0
+class DiTAir(Denoiser):
+    """DiT-Air denoiser (contract in :mod:`jaxdit.models.base`)."""
     share: str = "none"
-    qk_norm: bool = True
-    sandwich: bool = True
     adaln_layer_offset: bool = True
-    text_hidden_ratio: float = 4.0
     rope_theta: float = 10000.0
-    attn_impl: str = "xla"
-    remat: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def _blocks(self):
         if self.share not in SHARE_MODES:
             raise ValueError(f"share must be one of {SHARE_MODES}, got {self.share!r}.")
-        kw = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                  qk_norm=self.qk_norm, sandwich=self.sandwich, attn_impl=self.attn_impl,
-                  dtype=self.dtype, param_dtype=self.param_dtype)
-        block_cls = nn.remat(AirBlock) if self.remat else AirBlock
+        block_cls = self.block_class(AirBlock)
         if self.share == "full":
-            return [block_cls(name="shared_block", **kw)] * self.depth
+            return [block_cls(name="shared_block", **self.block_options())] * self.depth
         shared_attn = None
         if self.share == "attention":
             shared_attn = SelfAttention(self.num_heads, self.width // self.num_heads,
                                         qk_norm=self.qk_norm, impl=self.attn_impl,
-                                        dtype=self.dtype, param_dtype=self.param_dtype,
-                                        name="shared_attn")
-        return [block_cls(attn=shared_attn, name=f"block_{i}", **kw) for i in range(self.depth)]
+                                        name="shared_attn", **self.kw)
+        return [block_cls(attn=shared_attn, name=f"block_{i}", **self.block_options())
+                for i in range(self.depth)]
+
+    def _layer_offsets(self):
+        if not self.adaln_layer_offset:
+            return None
+        return self.param("adaln_layer_offset",
+                          nn.with_logical_partitioning(nn.initializers.zeros,
+                                                       ("layers", None, None, "embed")),
+                          (self.depth, 2, 6, self.width), self.param_dtype)
 
     @nn.compact
     def __call__(self, x, t, cond):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, h, w, c = x.shape
-        p = self.patch_size
-        img = PatchEmbed(self.width, p, name="patch_embed", **kw)(x.astype(self.dtype))
-        txt = TextAdapter(self.width, int(self.text_hidden_ratio * self.width),
-                          name="text_adapter", **kw)(cond["text_tokens"])
-        num_text, num_img = txt.shape[1], img.shape[1]
+        img, txt, text_mask, cvec = self.embed_inputs(x, t, cond)
+        b, num_text, num_img = x.shape[0], txt.shape[1], img.shape[1]
         seq = nn.with_logical_constraint(jnp.concatenate([txt, img], axis=1),
                                          ("batch", "length", "act_embed"))
-        key_mask = jnp.concatenate([cond["text_mask"].astype(bool),
-                                    jnp.ones((b, num_img), bool)], axis=1)
-        rope = joint_rope(num_text, h // p, w // p, self.width // self.num_heads, self.rope_theta)
-
-        cvec = ConditionEmbedder(self.width, name="cond_embed", **kw)(t, cond["text_pooled"])
-        text_mod = AdaLNModulation(self.width, 6, name="adaln_text", **kw)(cvec)
-        image_mod = AdaLNModulation(self.width, 6, name="adaln_image", **kw)(cvec)
-        offsets = None
-        if self.adaln_layer_offset:
-            offsets = self.param("adaln_layer_offset",
-                                 nn.with_logical_partitioning(nn.initializers.zeros,
-                                                              ("layers", None, None, "embed")),
-                                 (self.depth, 2, 6, self.width), self.param_dtype)
+        key_mask = jnp.concatenate([text_mask, jnp.ones((b, num_img), bool)], axis=1)
+        p = self.patch_size
+        rope = joint_rope(num_text, x.shape[1] // p, x.shape[2] // p,
+                          self.width // self.num_heads, self.rope_theta)
+        text_mod = AdaLNModulation(self.width, 6, name="adaln_text", **self.kw)(cvec)
+        image_mod = AdaLNModulation(self.width, 6, name="adaln_image", **self.kw)(cvec)
+        offsets = self._layer_offsets()
         for i, block in enumerate(self._blocks()):
             mods = []
             for k in range(6):
@@ -167,6 +133,4 @@ class DiTAir(nn.Module):
                     im = im + offsets[i, 1, k].astype(self.dtype)
                 mods.append(stream_select(tm, im, num_text, num_img))
             seq = block(seq, mods, key_mask, rope)
-
-        out = FinalLayer(p * p * self.out_channels, name="final", **kw)(seq[:, num_text:], cvec)
-        return unpatchify(out, p, h, w, self.out_channels).astype(jnp.float32)
+        return self.predict(seq[:, num_text:], cvec, x.shape)

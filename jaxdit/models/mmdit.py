@@ -12,39 +12,26 @@ to use fixed sin-cos positions instead.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdit.models.attention import OutProjection, QKVProjection, attention
-from jaxdit.models.layers import (AdaLNModulation, ConditionEmbedder, FinalLayer, LayerNorm,
-                                  Mlp, PatchEmbed, RMSNorm, TextAdapter, modulate, sincos_2d,
-                                  unpatchify)
+from jaxdit.models.base import Block, Denoiser
+from jaxdit.models.layers import AdaLNModulation, LayerNorm, Mlp, RMSNorm, modulate, sincos_2d
 
-Dtype = Any
 ADALN_MODES = ("per_layer", "shared")
 
 
-class StreamModules(nn.Module):
+class StreamModules(Block):
     """Per-stream weights of one MMDiT block: QKV, output projection, MLP, post-norms."""
-    width: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    qk_norm: bool = True
-    sandwich: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.qkv = QKVProjection(self.num_heads, self.width // self.num_heads,
-                                 qk_norm=self.qk_norm, **kw)
-        self.out = OutProjection(self.width, **kw)
-        self.mlp = Mlp(int(self.width * self.mlp_ratio), **kw)
+        self.qkv = QKVProjection(self.num_heads, self.head_dim, qk_norm=self.qk_norm, **self.kw)
+        self.out = OutProjection(self.width, **self.kw)
+        self.mlp = Mlp(int(self.width * self.mlp_ratio), **self.kw)
         if self.sandwich:
-            self.attn_post_norm = RMSNorm(**kw)
-            self.mlp_post_norm = RMSNorm(**kw)
+            self.attn_post_norm = RMSNorm(**self.kw)
+            self.mlp_post_norm = RMSNorm(**self.kw)
 
     def post(self, h, which: str):
         if not self.sandwich:
@@ -52,22 +39,14 @@ class StreamModules(nn.Module):
         return (self.attn_post_norm if which == "attn" else self.mlp_post_norm)(h)
 
 
-class MMDiTBlock(nn.Module):
+class MMDiTBlock(Block):
     """Joint attention over both streams; ``mods_*`` are 6 ``(B, 1, d)`` arrays per stream."""
-    width: int
-    num_heads: int
-    mlp_ratio: float = 4.0
-    qk_norm: bool = True
-    sandwich: bool = True
-    attn_impl: str = "xla"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, txt, img, mods_txt, mods_img, key_mask):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        args = (self.width, self.num_heads, self.mlp_ratio, self.qk_norm, self.sandwich)
-        streams = (StreamModules(*args, name="text", **kw), StreamModules(*args, name="image", **kw))
+        opts = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    qk_norm=self.qk_norm, sandwich=self.sandwich, **self.kw)
+        streams = (StreamModules(name="text", **opts), StreamModules(name="image", **opts))
         xs, mods = (txt, img), (mods_txt, mods_img)
         qkv = [s.qkv(modulate(LayerNorm(dtype=self.dtype)(x), m[0], m[1]))
                for s, x, m in zip(streams, xs, mods)]
@@ -83,62 +62,38 @@ class MMDiTBlock(nn.Module):
         return tuple(nn.with_logical_constraint(a, ("batch", "length", "act_embed")) for a in new)
 
 
-class MMDiT(nn.Module):
-    """MMDiT denoiser; same ``__call__(x, t, cond)`` contract as :class:`DiTAir`."""
-    depth: int
-    width: int
-    num_heads: int
-    patch_size: int = 2
-    out_channels: int = 3
-    mlp_ratio: float = 4.0
+class MMDiT(Denoiser):
+    """MMDiT denoiser (contract in :mod:`jaxdit.models.base`)."""
     adaln: str = "per_layer"
-    qk_norm: bool = True
-    sandwich: bool = True
     pos_embed_max_size: int = 144
-    text_hidden_ratio: float = 4.0
-    attn_impl: str = "xla"
-    remat: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, t, cond):
         if self.adaln not in ADALN_MODES:
             raise ValueError(f"adaln must be one of {ADALN_MODES}, got {self.adaln!r}.")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, h, w, c = x.shape
-        p = self.patch_size
-        gh, gw = h // p, w // p
-        img = PatchEmbed(self.width, p, name="patch_embed", **kw)(x.astype(self.dtype))
-        img = img + self._positions(gh, gw).astype(self.dtype)
-        txt = TextAdapter(self.width, int(self.text_hidden_ratio * self.width),
-                          name="text_adapter", **kw)(cond["text_tokens"])
-        key_mask = jnp.concatenate([cond["text_mask"].astype(bool),
-                                    jnp.ones((b, img.shape[1]), bool)], axis=1)
-        cvec = ConditionEmbedder(self.width, name="cond_embed", **kw)(t, cond["text_pooled"])
+        img, txt, text_mask, cvec = self.embed_inputs(x, t, cond)
+        key_mask = jnp.concatenate([text_mask, jnp.ones(img.shape[:2], bool)], axis=1)
 
         def modulations(suffix):
-            return (AdaLNModulation(self.width, 6, name=f"adaln_text{suffix}", **kw)(cvec),
-                    AdaLNModulation(self.width, 6, name=f"adaln_image{suffix}", **kw)(cvec))
+            return (AdaLNModulation(self.width, 6, name=f"adaln_text{suffix}", **self.kw)(cvec),
+                    AdaLNModulation(self.width, 6, name=f"adaln_image{suffix}", **self.kw)(cvec))
 
         shared = modulations("") if self.adaln == "shared" else None
-        block_cls = nn.remat(MMDiTBlock) if self.remat else MMDiTBlock
+        block_cls = self.block_class(MMDiTBlock)
         for i in range(self.depth):
             mods_txt, mods_img = shared or modulations(f"_{i}")
-            txt, img = block_cls(self.width, self.num_heads, self.mlp_ratio, self.qk_norm,
-                                 self.sandwich, self.attn_impl, name=f"block_{i}", **kw)(
-                                     txt, img, mods_txt, mods_img, key_mask)
-        out = FinalLayer(p * p * self.out_channels, name="final", **kw)(img, cvec)
-        return unpatchify(out, p, h, w, self.out_channels).astype(jnp.float32)
+            txt, img = block_cls(name=f"block_{i}", **self.block_options())(
+                txt, img, mods_txt, mods_img, key_mask)
+        return self.predict(img, cvec, x.shape)
 
-    def _positions(self, gh: int, gw: int):
+    def image_positions(self, grid_h: int, grid_w: int):
         if not self.pos_embed_max_size:
-            return sincos_2d(gh, gw, self.width)[None]
+            return sincos_2d(grid_h, grid_w, self.width)[None]
         m = self.pos_embed_max_size
-        if gh > m or gw > m:
-            raise ValueError(f"Token grid {gh}x{gw} exceeds pos_embed_max_size={m}.")
+        if grid_h > m or grid_w > m:
+            raise ValueError(f"Token grid {grid_h}x{grid_w} exceeds pos_embed_max_size={m}.")
         table = self.param("pos_embed", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("pos", None, "embed")), (m, m, self.width),
             self.param_dtype)
-        top, left = (m - gh) // 2, (m - gw) // 2  # centre crop, as SD3
-        return table[top:top + gh, left:left + gw].reshape(1, gh * gw, self.width)
+        top, left = (m - grid_h) // 2, (m - grid_w) // 2  # centre crop, as SD3
+        return table[top:top + grid_h, left:left + grid_w].reshape(1, grid_h * grid_w, self.width)

@@ -1,0 +1,93 @@
+"""What every text-to-image denoiser and its blocks share: fields, input embedding and the
+output head. Families subclass :class:`Denoiser` and write only their trunk.
+
+Denoiser contract: ``__call__(x, t, cond)`` with latents ``x`` (B, H, W, C), ``t`` (B,) in
+[0, 1] and ``cond`` holding ``text_tokens`` (B, L, Dt), ``text_mask`` (B, L) bool and
+``text_pooled`` (B, Dt); returns the prediction (B, H, W, C) in fp32.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxdit.models.layers import (ConditionEmbedder, FinalLayer, PatchEmbed, TextAdapter,
+                                  unpatchify)
+
+Dtype = Any
+
+
+class Block(nn.Module):
+    """Fields shared by the transformer blocks of every family."""
+    width: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    sandwich: bool = True
+    attn_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.num_heads
+
+    @property
+    def kw(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+
+class Denoiser(nn.Module):
+    """Base of the DiT-Air-family denoisers (fields, embedding of inputs, output head)."""
+    depth: int
+    width: int
+    num_heads: int
+    patch_size: int = 2
+    out_channels: int = 3
+    mlp_ratio: float = 4.0
+    qk_norm: bool = True
+    sandwich: bool = True
+    text_hidden_ratio: float = 4.0
+    attn_impl: str = "xla"
+    remat: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @property
+    def kw(self) -> dict:
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype)
+
+    def block_options(self) -> dict:
+        """Keyword arguments for a :class:`Block` subclass."""
+        return dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    qk_norm=self.qk_norm, sandwich=self.sandwich, attn_impl=self.attn_impl,
+                    **self.kw)
+
+    def block_class(self, cls):
+        return nn.remat(cls) if self.remat else cls
+
+    def image_positions(self, grid_h: int, grid_w: int):
+        """Additive position embedding ``(1, grid_h*grid_w, width)`` or None (e.g. RoPE)."""
+        del grid_h, grid_w
+        return None
+
+    def embed_inputs(self, x, t, cond):
+        """Returns ``(image tokens (B, N, d), text tokens (B, L, d), key mask of the text
+        (B, L) bool, condition vector c (B, d))``."""
+        p = self.patch_size
+        img = PatchEmbed(self.width, p, name="patch_embed", **self.kw)(x.astype(self.dtype))
+        pos = self.image_positions(x.shape[1] // p, x.shape[2] // p)
+        if pos is not None:
+            img = img + pos.astype(self.dtype)
+        txt = TextAdapter(self.width, int(self.text_hidden_ratio * self.width),
+                          name="text_adapter", **self.kw)(cond["text_tokens"])
+        cvec = ConditionEmbedder(self.width, name="cond_embed", **self.kw)(t, cond["text_pooled"])
+        return img, txt, cond["text_mask"].astype(bool), cvec
+
+    def predict(self, img_tokens, cvec, x_shape):
+        """Final layer on the image tokens, back to ``x_shape`` (B, H, W, C), fp32."""
+        _, h, w, _ = x_shape
+        p = self.patch_size
+        out = FinalLayer(p * p * self.out_channels, name="final", **self.kw)(img_tokens, cvec)
+        return unpatchify(out, p, h, w, self.out_channels).astype(jnp.float32)

@@ -170,3 +170,22 @@ def test_remat_gives_the_same_gradients(family):
     cfg.model.remat = True
     g = jax.grad(loss(build_model(cfg)))(variables)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, g_ref)
+
+
+def test_attention_backend_dispatch():
+    from jaxdit.kernels import dispatch
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 6, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 6, 2, 8)), jnp.float32)
+    mask = jnp.asarray(np.arange(6)[None] < np.array([[3], [6]]))
+    ref = xla_attention(q, k, k, mask)
+    np.testing.assert_allclose(dispatch.attention(q, k, k, mask, impl="auto"), ref)
+    if jax.default_backend() == "cpu":
+        with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+            dispatch.attention(q, k, k, mask, impl="cudnn")
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        dispatch.attention(q, k, k, mask, impl="flash3")
+    cfg = tiny_config()
+    cfg.model.attn_impl = "flash3"
+    with pytest.raises(ValueError, match="Unknown attention backend"):
+        build_model(cfg)

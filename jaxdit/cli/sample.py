@@ -10,9 +10,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
-from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
+from jaxdit.eval.sampling import encode_captions, save_grid, write_captions
 from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.loop import Experiment
 
@@ -33,6 +33,7 @@ flags.mark_flags_as_required(["workdir", "prompt"])
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
     ckpt = Checkpointer(os.path.join(FLAGS.workdir, "checkpoints"), create=False)
     config = ckpt.restore_config(FLAGS.step)
     for name, key in (("cfg_scale", "cfg_scale"), ("num_steps", "num_steps"),
@@ -47,10 +48,8 @@ def main(argv):
         state, step = ckpt.restore(exp.abstract_state(), step=FLAGS.step)
         captions = [p for p in FLAGS.prompt for _ in range(FLAGS.num_per_prompt)]
         cond = encode_captions(exp.tokenizer, captions, config.text.max_len)
-        s = config.data.image_size
-        sample_fn = make_sample_fn(exp.model, exp.autoencoder, config, (s, s, 3))
         params = state.ema_params if FLAGS.ema else state.params
-        images = sample_fn({"params": params, **state.model_state},
+        images = exp.sample_fn({"params": params, **state.model_state},
                            {k: jnp.asarray(v) for k, v in cond.items()},
                            jax.random.PRNGKey(FLAGS.seed))
     path = save_grid(np.asarray(images), FLAGS.out, cols=FLAGS.num_per_prompt)

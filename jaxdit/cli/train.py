@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import jax
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jaxdit.train.loop import train_and_evaluate
@@ -17,7 +17,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    jax.config.update("jax_threefry_partitionable", True)
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    jax.config.update("jax_threefry_partitionable", True)  # sharding-invariant random bits
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     print(f"Done: loss {result.get('loss', float('nan')):.4f}, val loss "
           f"{result.get('val/loss', float('nan')):.4f}, checkpoint step "

@@ -11,33 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from jaxdit.kernels import dispatch
+from jaxdit.kernels.reference import xla_attention  # noqa: F401  (re-exported)
 from jaxdit.models.layers import RMSNorm, apply_rope, dense
 
 Dtype = Any
-
-
-def xla_attention(q, k, v, key_mask=None, scale: float | None = None):
-    """Reference softmax attention in plain XLA; softmax statistics in fp32.
-
-    Query heads are grouped onto their KV head with a reshape (query head ``h`` uses KV head
-    ``h // (H // Hkv)``), so K/V are never repeated in memory. Returns ``(B, S, H, D)``.
-    """
-    b, s, h, d = q.shape
-    hkv = k.shape[2]
-    if h % hkv:
-        raise ValueError(f"Query heads ({h}) must be a multiple of KV heads ({hkv}).")
-    g = h // hkv
-    scale = d ** -0.5 if scale is None else scale
-    qg = q.reshape(b, s, hkv, g, d)
-    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
-    if key_mask is not None:
-        logits = jnp.where(key_mask[:, None, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-    return out.reshape(b, s, h, d)
 
 
 HEAD_AXES = ("batch", "length", "act_heads", None)
@@ -51,11 +31,7 @@ def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None 
     layout and the partitioner has no freedom to pick a different one per call site.
     """
     q, k, v = (nn.with_logical_constraint(a, HEAD_AXES) for a in (q, k, v))
-    if impl == "xla":
-        out = xla_attention(q, k, v, key_mask, scale)
-    else:
-        from jaxdit.kernels import dispatch  # pylint: disable=import-outside-toplevel
-        out = dispatch.attention(q, k, v, key_mask, impl=impl, scale=scale)
+    out = dispatch.attention(q, k, v, key_mask, impl=impl, scale=scale)
     return nn.with_logical_constraint(out, HEAD_AXES)
 
 

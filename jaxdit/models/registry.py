@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdit.kernels.dispatch import check_backend
 from jaxdit.models.dit_air import DiTAir
 from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
@@ -25,6 +26,7 @@ def _dtype(name: str):
 def build_denoiser(model_cfg, out_channels: int) -> nn.Module:
     """Denoiser for ``model_cfg.family`` in {dit_air, pixart, mmdit}."""
     m = model_cfg
+    check_backend(m.attn_impl)
     if m.width % m.num_heads:
         raise ValueError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}.")
     common = dict(depth=m.depth, width=m.width, num_heads=m.num_heads, patch_size=m.patch_size,

@@ -7,8 +7,8 @@ grids and checkpoints. Writes into ``workdir``: ``checkpoints/``, ``samples/``, 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import json
 import logging
 import os
 import time
@@ -118,9 +118,17 @@ class Experiment:
                                                           np.asarray(v))
                 for k, v in host_batch.items()}
 
+    @functools.cached_property
+    def val_loss_fn(self):
+        return make_val_loss_fn(self.model, self.autoencoder, self.config.eval.t_grid)
+
+    @functools.cached_property
+    def sample_fn(self):
+        s = self.config.data.image_size
+        return make_sample_fn(self.model, self.autoencoder, self.config, (s, s, 3))
+
     def context(self):
         """Mesh + logical-axis-rules context every jitted call runs under."""
-        import contextlib
         stack = contextlib.ExitStack()
         stack.enter_context(jax.set_mesh(self.mesh))
         stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
@@ -136,7 +144,7 @@ def evaluate(exp: Experiment, state, step: int, writer: MetricWriter):
     per_host = cfg.train.batch_size // jax.process_count()
     val_ds = make_dataset(cfg, "val", per_host, process_index=jax.process_index(),
                           process_count=jax.process_count(), repeat=True)
-    fn = make_val_loss_fn(exp.model, exp.autoencoder, cfg.eval.t_grid)
+    fn = exp.val_loss_fn
     it = iter(val_ds)
     total = np.zeros(len(cfg.eval.t_grid))
     for i in range(cfg.train.val_batches):
@@ -160,9 +168,7 @@ def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None
     cfg = exp.config
     captions = captions or validation_captions(cfg, cfg.sampler.num_samples)
     cond = encode_captions(exp.tokenizer, captions, cfg.text.max_len)
-    s = cfg.data.image_size
-    sample_fn = make_sample_fn(exp.model, exp.autoencoder, cfg, (s, s, 3))
-    images = sample_fn(_variables(state), {k: jnp.asarray(v) for k, v in cond.items()},
+    images = exp.sample_fn(_variables(state), {k: jnp.asarray(v) for k, v in cond.items()},
                        jax.random.PRNGKey(cfg.sampler.seed))
     cols = int(np.ceil(np.sqrt(len(captions))))
     path = os.path.join(workdir, "samples", f"step_{step:07d}.png")

@@ -1,0 +1,52 @@
+"""Attention backend selection (``model.attn_impl``).
+
+* ``xla``: :func:`jaxdit.kernels.reference.xla_attention`, every platform.
+* ``cudnn``: cuDNN fused attention through ``jax.nn.dot_product_attention`` (NVIDIA GPUs,
+  bf16/fp16, head dim a multiple of 8 up to 128).
+* ``auto``: cuDNN where it supports the call, else XLA.
+
+An explicitly requested backend that cannot run the call raises ``ValueError`` saying why;
+only ``auto`` falls back.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxdit.kernels.reference import xla_attention
+
+BACKENDS = ("xla", "cudnn", "auto")
+
+
+def cudnn_unsupported_reason(q, k) -> str | None:
+    """Why cuDNN cannot run this call, or None if it can."""
+    if jax.default_backend() != "gpu":
+        return f"cuDNN attention needs an NVIDIA GPU (backend is {jax.default_backend()!r})"
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"cuDNN attention needs bf16/fp16 inputs, got {q.dtype}"
+    d = q.shape[-1]
+    if d % 8 or d > 128:
+        return f"cuDNN attention needs head_dim a multiple of 8 and <= 128, got {d}"
+    if q.shape[2] % k.shape[2]:
+        return "query heads must be a multiple of KV heads"
+    return None
+
+
+def check_backend(impl: str) -> None:
+    if impl not in BACKENDS:
+        raise ValueError(f"Unknown attention backend {impl!r}; available: {BACKENDS}.")
+
+
+def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None):
+    """``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D), ``key_mask`` (B, T) bool or None."""
+    check_backend(impl)
+    if impl == "auto":
+        impl = "xla" if cudnn_unsupported_reason(q, k) else "cudnn"
+    if impl == "xla":
+        return xla_attention(q, k, v, key_mask, scale)
+    reason = cudnn_unsupported_reason(q, k)
+    if reason:
+        raise ValueError(f"attn_impl='cudnn' cannot run this call: {reason}. "
+                         "Use attn_impl='auto' to fall back to XLA.")
+    mask = None if key_mask is None else key_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")

@@ -1,0 +1,27 @@
+"""Reference attention in plain XLA (the numerics every other backend is tested against)."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def xla_attention(q, k, v, key_mask=None, scale: float | None = None):
+    """Softmax attention with fp32 statistics; ``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D),
+    ``key_mask`` (B, T) bool or None. Returns ``(B, S, H, D)``.
+
+    Query heads are grouped onto their KV head with a reshape (query head ``h`` uses KV head
+    ``h // (H // Hkv)``), so K/V are never repeated in memory.
+    """
+    b, s, h, d = q.shape
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"Query heads ({h}) must be a multiple of KV heads ({hkv}).")
+    g = h // hkv
+    scale = d ** -0.5 if scale is None else scale
+    qg = q.reshape(b, s, hkv, g, d)
+    logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)

@@ -36,6 +36,7 @@ flags.DEFINE_float("peak_tflops", 989.0, "Accelerator peak TFLOP/s for MFU.")
 flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
 flags.DEFINE_string("optim", "adafactor", "Optimizer.")
 flags.DEFINE_bool("remat", True, "Rematerialise blocks.")
+flags.DEFINE_string("attn_impl", "xla", "Attention backend: xla | cudnn | auto.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -60,7 +61,7 @@ def main(argv):
     cfg.latent.update(kind="identity", downsample=1)
     cfg.data.image_size = size
     cfg.text.update(kind="precomputed", max_len=FLAGS.text_len)
-    cfg.model.update(dtype=FLAGS.dtype, remat=FLAGS.remat)
+    cfg.model.update(dtype=FLAGS.dtype, remat=FLAGS.remat, attn_impl=FLAGS.attn_impl)
     cfg.optim.update(name=FLAGS.optim)
     cfg.train.batch_size = FLAGS.batch
     exp = Experiment(cfg)
@@ -106,7 +107,7 @@ def main(argv):
           f"{cfg.model.family} depth={cfg.model.depth} width={cfg.model.width} "
           f"share={cfg.model.share} | params {params / 1e6:.1f}M | batch {b} | "
           f"{size}x{size}x{c} latent, patch {cfg.model.patch_size}, text {FLAGS.text_len} | "
-          f"{FLAGS.dtype}, remat={FLAGS.remat}, {FLAGS.optim}")
+          f"{FLAGS.dtype}, remat={FLAGS.remat}, {FLAGS.optim}, attn={FLAGS.attn_impl}")
     print(f"compile {compile_s:.1f}s | step {dt * 1e3:.1f} ms | {b / dt:.1f} img/s | "
           f"model {flops / dt / 1e12:.1f} TFLOP/s | MFU {flops / dt / 1e12 / FLAGS.peak_tflops:.1%}"
           + (f" | XLA-counted {xla_flops / dt / 1e12:.1f} TFLOP/s" if xla_flops else "")

@@ -48,5 +48,8 @@ def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None 
     if reason:
         raise ValueError(f"attn_impl='cudnn' cannot run this call: {reason}. "
                          "Use attn_impl='auto' to fall back to XLA.")
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    mask = None
+    if key_mask is not None:  # cuDNN wants the mask at full (B, 1, S, T) size
+        b, s, t = q.shape[0], q.shape[1], k.shape[1]
+        mask = jnp.broadcast_to(key_mask[:, None, None, :], (b, 1, s, t))
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 
 from jaxdit.eval.sampling import encode_captions, save_grid, write_captions
 from jaxdit.train.checkpoint import Checkpointer
-from jaxdit.train.loop import Experiment
+from jaxdit.train.loop import Experiment, state_variables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
@@ -48,8 +48,7 @@ def main(argv):
         state, step = ckpt.restore(exp.abstract_state(), step=FLAGS.step)
         captions = [p for p in FLAGS.prompt for _ in range(FLAGS.num_per_prompt)]
         cond = encode_captions(exp.tokenizer, captions, config.text.max_len)
-        params = state.ema_params if FLAGS.ema else state.params
-        images = exp.sample_fn({"params": params, **state.model_state},
+        images = exp.sample_fn(state_variables(state, ema=FLAGS.ema),
                            {k: jnp.asarray(v) for k, v in cond.items()},
                            jax.random.PRNGKey(FLAGS.seed))
     path = save_grid(np.asarray(images), FLAGS.out, cols=FLAGS.num_per_prompt)

@@ -37,6 +37,12 @@ class Block(nn.Module):
     def kw(self) -> dict:
         return dict(dtype=self.dtype, param_dtype=self.param_dtype)
 
+    def options(self) -> dict:
+        """This block's :class:`Block` fields, to build a sub-block with the same settings."""
+        return dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    qk_norm=self.qk_norm, sandwich=self.sandwich, attn_impl=self.attn_impl,
+                    **self.kw)
+
 
 class Denoiser(nn.Module):
     """Base of the DiT-Air-family denoisers (fields, embedding of inputs, output head)."""

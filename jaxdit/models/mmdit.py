@@ -44,9 +44,8 @@ class MMDiTBlock(Block):
 
     @nn.compact
     def __call__(self, txt, img, mods_txt, mods_img, key_mask):
-        opts = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
-                    qk_norm=self.qk_norm, sandwich=self.sandwich, **self.kw)
-        streams = (StreamModules(name="text", **opts), StreamModules(name="image", **opts))
+        streams = (StreamModules(name="text", **self.options()),
+                   StreamModules(name="image", **self.options()))
         xs, mods = (txt, img), (mods_txt, mods_img)
         qkv = [s.qkv(modulate(LayerNorm(dtype=self.dtype)(x), m[0], m[1]))
                for s, x, m in zip(streams, xs, mods)]

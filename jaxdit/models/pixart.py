@@ -16,7 +16,6 @@ from jaxdit.models.dit_air import SandwichResidual
 from jaxdit.models.layers import AdaLNModulation, LayerNorm, Mlp, sincos_2d
 
 
-
 class PixArtBlock(Block):
     """Self-attn (modulated) -> cross-attn to ``ctx`` -> MLP (modulated)."""
 

@@ -93,14 +93,18 @@ class Experiment:
         inputs = example_inputs(config)
         self.init_variables = lambda rng: self.model.init(rng, *inputs)
 
+    @functools.cached_property
+    def state_sh(self):
+        """TrainState of ``NamedSharding``s (derived with ``eval_shape``, nothing allocated)."""
+        return state_shardings(self.init_variables, self.tx, self.mesh)
+
     def create_state(self):
-        state, self.state_sh = create_train_state(self.init_variables, self.tx, self.mesh,
-                                                  self.config.seed)
+        state, _ = create_train_state(self.init_variables, self.tx, self.mesh, self.config.seed,
+                                      shardings=self.state_sh)
         return state
 
     def abstract_state(self):
         """Shape/sharding tree of the state, for restoring a checkpoint into."""
-        self.state_sh = state_shardings(self.init_variables, self.tx, self.mesh)
         return abstract_state(self.state_sh, self.init_variables, self.tx)
 
     def batch_shardings(self, batch):
@@ -135,7 +139,8 @@ class Experiment:
         return stack
 
 
-def _variables(state, ema: bool = True):
+def state_variables(state, ema: bool = True):
+    """Flax variables for ``model.apply``: EMA (default) or raw params plus model state."""
     return {"params": state.ema_params if ema else state.params, **state.model_state}
 
 
@@ -149,7 +154,7 @@ def evaluate(exp: Experiment, state, step: int, writer: MetricWriter):
     total = np.zeros(len(cfg.eval.t_grid))
     for i in range(cfg.train.val_batches):
         batch = exp.to_global(next(it))
-        total += np.asarray(fn(_variables(state), batch, jax.random.PRNGKey(10_000 + i)))
+        total += np.asarray(fn(state_variables(state), batch, jax.random.PRNGKey(10_000 + i)))
     total /= cfg.train.val_batches
     scalars = {"val/loss": total.mean(),
                **{f"val/loss_t{t:.2f}": v for t, v in zip(cfg.eval.t_grid, total)}}
@@ -168,7 +173,7 @@ def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None
     cfg = exp.config
     captions = captions or validation_captions(cfg, cfg.sampler.num_samples)
     cond = encode_captions(exp.tokenizer, captions, cfg.text.max_len)
-    images = exp.sample_fn(_variables(state), {k: jnp.asarray(v) for k, v in cond.items()},
+    images = exp.sample_fn(state_variables(state), {k: jnp.asarray(v) for k, v in cond.items()},
                        jax.random.PRNGKey(cfg.sampler.seed))
     cols = int(np.ceil(np.sqrt(len(captions))))
     path = os.path.join(workdir, "samples", f"step_{step:07d}.png")

@@ -73,10 +73,13 @@ def state_shardings(init_variables: Callable, tx, mesh: Mesh,
 
 
 def create_train_state(init_variables: Callable, tx, mesh: Mesh, seed: int,
-                       rules=LOGICAL_RULES) -> tuple[TrainState, TrainState]:
+                       rules=LOGICAL_RULES, shardings: TrainState | None = None
+                       ) -> tuple[TrainState, TrainState]:
     """Builds the :class:`TrainState` directly in its shardings (jitted init with
-    ``out_shardings``). Returns ``(state, shardings)``."""
-    shardings = state_shardings(init_variables, tx, mesh, rules)
+    ``out_shardings``; ``shardings`` default to :func:`state_shardings`).
+    Returns ``(state, shardings)``."""
+    if shardings is None:
+        shardings = state_shardings(init_variables, tx, mesh, rules)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
 
     def init_state(init_rng, state_rng):

@@ -42,7 +42,14 @@ def base_config() -> ml_collections.ConfigDict:
         family="dit_air", depth=4, width=128, num_heads=4, patch_size=4, mlp_ratio=4.0,
         share="none", adaln="per_layer", qk_norm=True, sandwich=True, adaln_layer_offset=True,
         pos_embed_max_size=144, text_hidden_ratio=4.0, attn_impl="xla", remat=False,
-        dtype="float32", param_dtype="float32"))
+        dtype="float32", param_dtype="float32", num_classes=0))
+    # Mixture of experts replacing the MLPs (Race-DiT); num_experts=0 keeps dense MLPs.
+    # The paper does not give the PLR and router-similarity weights: ours are choices.
+    c.moe = ml_collections.ConfigDict(dict(
+        num_experts=0, k=1, hidden_split=1, routing="expert_race", gating="identity",
+        capacity_factor=2.0, eval_capacity_factor=0.0, threshold_decay=0.95, plr=True,
+        plr_weight=0.1, similarity_weight=0.01, balance_weight=0.0, topk_bits=4,
+        topk_method="radix", expert_impl="grouped"))
     c.text = ml_collections.ConfigDict(dict(
         kind="trainable", vocab_size=0, max_len=16, width=128, depth=2, num_heads=4))
     c.latent = ml_collections.ConfigDict(dict(kind="identity", channels=3, downsample=1))
@@ -117,3 +124,56 @@ def air_family_config(family: str, arg: str | None):
     else:
         raise ValueError(f"Unknown size {size!r}; available: tiny, {', '.join(AIR_DEPTHS)}.")
     return apply_model_overrides(config, overrides)
+
+
+# Race-DiT sizes (its Table 4; DiT B/L/XL plus a new M): (layers, width, heads).
+RACE_SIZES = {"B": (12, 768, 12), "M": (16, 960, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+IMAGENET_CLASSES = 1000
+
+
+def parse_moe_variant(variant: str) -> dict:
+    """``"dense"`` -> no experts; ``"4in32"`` -> 32 experts, k=4, hidden split 4 (the
+    paper's convention: x-in-y activates as many parameters as the dense MLP)."""
+    if variant == "dense":
+        return dict(num_experts=0)
+    x, sep, y = variant.partition("in")
+    if not (sep and x.isdigit() and y.isdigit()):
+        raise ValueError(f"Unknown MoE variant {variant!r}: use 'dense' or '<k>in<experts>'.")
+    return dict(num_experts=int(y), k=int(x), hidden_split=int(x))
+
+
+def race_config(arg: str | None):
+    """Race-DiT / DiT config: ``"<size>-<variant>[,key=value...]"``, size in tiny/B/M/L/XL,
+    variant ``dense`` or ``<k>in<E>``; keys override ``config.model`` or ``config.moe``."""
+    name, overrides = parse_arg(arg)
+    size, _, variant = name.partition("-")
+    config = base_config()
+    config.model.update(family="race_dit", qk_norm=False, sandwich=False)
+    config.text.kind = "none"
+    config.moe.update(parse_moe_variant(variant or "dense"))
+    if size in RACE_SIZES:
+        depth, width, heads = RACE_SIZES[size]
+        config.model.update(depth=depth, width=width, num_heads=heads, patch_size=2,
+                            num_classes=IMAGENET_CLASSES, dtype="bfloat16", remat=True)
+        config.latent.update(kind="kl_vae", channels=4, downsample=8)  # SD-VAE latents
+        config.data.image_size = 256
+        # DiT's ImageNet recipe (Race-DiT's own ablation recipe is not public).
+        config.optim.update(name="adamw", lr=1e-4, ema_decay=0.9999)
+        config.train.batch_size = 256
+    elif size == "tiny":
+        from jaxdit.data.shapes import NUM_CLASSES
+        tiny_setup(config)
+        config.model.update(num_classes=NUM_CLASSES)
+        config.data.max_objects = 1  # one object per image: its class is the whole content
+        config.data.caption_dropout = 0.1  # label dropout for CFG
+    else:
+        raise ValueError(f"Unknown size {size!r}; available: tiny, {', '.join(RACE_SIZES)}.")
+    config.sampler.update(cfg_scale=4.0)  # Race-DiT's sample figures use CFG 4
+    for k, v in overrides.items():
+        section = "moe" if k in config.moe and k not in config.model else "model"
+        if k not in config[section]:
+            raise ValueError(f"Unknown field {k!r} in config argument; valid: model fields "
+                             f"{sorted(config.model.keys())} or moe fields "
+                             f"{sorted(config.moe.keys())}.")
+        config[section][k] = v
+    return config

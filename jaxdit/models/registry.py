@@ -2,6 +2,7 @@
 used for caption dropout and classifier-free guidance."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -11,10 +12,15 @@ from jaxdit.kernels.dispatch import check_backend
 from jaxdit.models.dit_air import DiTAir
 from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
+from jaxdit.models.race_dit import MoESpec, RaceDiT
 from jaxdit.models.text import TextEncoder
+from jaxdit.moe import routing
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TEXT_KINDS = ("trainable", "precomputed")
+TEXT_KINDS = ("trainable", "precomputed", "none")
+FAMILIES = ("dit_air", "pixart", "mmdit", "race_dit")
+# Collections a forward pass may write that are per-step outputs, not model state.
+TRANSIENT_COLLECTIONS = ("aux_loss", "deep_pred", "moe_metrics", "intermediates")
 
 
 def _dtype(name: str):
@@ -23,12 +29,36 @@ def _dtype(name: str):
     return DTYPES[name]
 
 
-def build_denoiser(model_cfg, out_channels: int) -> nn.Module:
-    """Denoiser for ``model_cfg.family`` in {dit_air, pixart, mmdit}."""
+def moe_spec(moe_cfg) -> MoESpec | None:
+    """:class:`MoESpec` from ``config.moe`` (None when ``num_experts == 0``: dense MLPs)."""
+    if moe_cfg is None or not moe_cfg.num_experts:
+        return None
+    fields = {f.name for f in dataclasses.fields(MoESpec)}
+    spec = MoESpec(**{k: v for k, v in moe_cfg.items() if k in fields})
+    routing.check_strategy(spec.routing)
+    if spec.gating not in routing.GATINGS:
+        raise ValueError(f"Unknown moe.gating {spec.gating!r}; available: {routing.GATINGS}.")
+    if not 1 <= spec.k <= spec.num_experts:
+        raise ValueError(f"moe.k={spec.k} must be in [1, moe.num_experts={spec.num_experts}].")
+    if not 0.0 <= spec.threshold_decay < 1.0:
+        raise ValueError(f"moe.threshold_decay must be in [0, 1), got {spec.threshold_decay}.")
+    return spec
+
+
+def build_denoiser(model_cfg, out_channels: int, moe_cfg=None) -> nn.Module:
+    """Denoiser for ``model_cfg.family`` in :data:`FAMILIES`."""
     m = model_cfg
     check_backend(m.attn_impl)
     if m.width % m.num_heads:
         raise ValueError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}.")
+    if m.family == "race_dit":
+        if m.num_classes < 1:
+            raise ValueError("model.family='race_dit' is class-conditional: set model.num_classes.")
+        return RaceDiT(depth=m.depth, width=m.width, num_heads=m.num_heads,
+                       num_classes=m.num_classes, patch_size=m.patch_size,
+                       out_channels=out_channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
+                       moe=moe_spec(moe_cfg), attn_impl=m.attn_impl, remat=m.remat,
+                       dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
     common = dict(depth=m.depth, width=m.width, num_heads=m.num_heads, patch_size=m.patch_size,
                   out_channels=out_channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
                   sandwich=m.sandwich, attn_impl=m.attn_impl, remat=m.remat,
@@ -40,17 +70,19 @@ def build_denoiser(model_cfg, out_channels: int) -> nn.Module:
         return PixArtAlpha(**common)
     if m.family == "mmdit":
         return MMDiT(adaln=m.adaln, pos_embed_max_size=m.pos_embed_max_size, **common)
-    raise ValueError(f"Unknown model.family {m.family!r}; available: dit_air, pixart, mmdit.")
+    raise ValueError(f"Unknown model.family {m.family!r}; available: {FAMILIES}.")
 
 
 class DiffusionModel(nn.Module):
     """Text encoder (optional, trained jointly) + denoiser.
 
     ``__call__(x, t, cond)``: ``cond`` holds either ``text_ids``/``text_mask`` (encoded here
-    by ``text_encoder``) or precomputed ``text_tokens``/``text_mask``/``text_pooled``.
+    by ``text_encoder``) or precomputed ``text_tokens``/``text_mask``/``text_pooled``; for a
+    class-conditional model (``class_conditional``) only ``label`` is used.
     """
     denoiser: nn.Module
     text_encoder: nn.Module | None = None
+    class_conditional: bool = False
 
     def encode_text(self, cond):
         if "text_ids" not in cond:
@@ -62,6 +94,8 @@ class DiffusionModel(nn.Module):
         return {"text_tokens": tokens, "text_mask": cond["text_mask"], "text_pooled": pooled}
 
     def __call__(self, x, t, cond):
+        if self.class_conditional:
+            return self.denoiser(x, t, {"label": cond["label"]})
         return self.denoiser(x, t, self.encode_text(cond))
 
 
@@ -75,15 +109,27 @@ def build_model(config) -> DiffusionModel:
                               depth=text.depth, num_heads=text.num_heads,
                               dtype=_dtype(config.model.dtype),
                               param_dtype=_dtype(config.model.param_dtype))
-    return DiffusionModel(build_denoiser(config.model, config.latent.channels), encoder)
+    class_cond = text.kind == "none"
+    if class_cond != (config.model.family == "race_dit"):
+        raise ValueError(f"model.family={config.model.family!r} needs text.kind="
+                         f"{'none' if not class_cond else 'trainable or precomputed'}.")
+    denoiser = build_denoiser(config.model, config.latent.channels, config.get("moe"))
+    return DiffusionModel(denoiser, encoder, class_conditional=class_cond)
+
+
+def persistent_variables(variables):
+    """Drops the per-step output collections (see :data:`TRANSIENT_COLLECTIONS`)."""
+    return {k: v for k, v in variables.items() if k not in TRANSIENT_COLLECTIONS}
 
 
 def null_condition(cond: dict[str, Any]) -> dict[str, Any]:
     """The "empty caption" with the same shapes as ``cond``: only the first (BOS) token valid,
-    BOS id 1 for token ids, zero features for precomputed embeddings."""
+    BOS id 1 for token ids, zero features for precomputed embeddings; label -1 (null class)."""
     out = {}
-    mask = jnp.zeros_like(cond["text_mask"]).at[:, 0].set(True)
-    out["text_mask"] = mask
+    if "label" in cond:
+        out["label"] = jnp.full_like(cond["label"], -1)
+    if "text_mask" in cond:
+        out["text_mask"] = jnp.zeros_like(cond["text_mask"]).at[:, 0].set(True)
     if "text_ids" in cond:
         out["text_ids"] = jnp.zeros_like(cond["text_ids"]).at[:, 0].set(1)
     if "text_tokens" in cond:

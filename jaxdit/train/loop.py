@@ -21,7 +21,8 @@ import numpy as np
 from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
-from jaxdit.models.registry import build_model
+from jaxdit.data import shapes
+from jaxdit.models.registry import build_model, persistent_variables
 from jaxdit.models.vae import make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_divisor, batch_sharding, make_mesh
 from jaxdit.train.checkpoint import Checkpointer
@@ -67,7 +68,9 @@ def example_inputs(config, batch: int = 1):
     x = jnp.zeros((batch, s, s, c))
     t = jnp.zeros((batch,))
     n = config.text.max_len
-    if config.text.kind == "trainable":
+    if config.text.kind == "none":
+        cond = {"label": jnp.zeros((batch,), jnp.int32)}
+    elif config.text.kind == "trainable":
         cond = {"text_ids": jnp.zeros((batch, n), jnp.int32),
                 "text_mask": jnp.ones((batch, n), bool)}
     else:
@@ -91,7 +94,7 @@ class Experiment:
         self.autoencoder = make_autoencoder(config.latent)
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
         inputs = example_inputs(config)
-        self.init_variables = lambda rng: self.model.init(rng, *inputs)
+        self.init_variables = lambda rng: persistent_variables(self.model.init(rng, *inputs))
 
     @functools.cached_property
     def state_sh(self):
@@ -167,12 +170,32 @@ def validation_captions(config, n: int) -> list[str]:
     return [source[i]["caption"] for i in range(min(n, len(source)))]
 
 
-def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None) -> str:
-    """Samples ``captions`` (default: the first validation captions) with the EMA weights
-    and writes ``samples/step_<step>.png`` plus the captions beside it."""
+def label_names(config, labels) -> list[str]:
+    """Readable class names (the shapes data's "a red circle", else "class <i>")."""
+    if config.data.source == "shapes":
+        return [shapes.class_name(i) for i in labels]
+    return [f"class {int(i)}" for i in labels]
+
+
+def sample_condition(exp: Experiment, captions=None, labels=None):
+    """``(names, cond)`` to sample: captions (text models; default the first validation
+    captions) or class labels (class-conditional models; default 0, 1, 2, ...)."""
     cfg = exp.config
-    captions = captions or validation_captions(cfg, cfg.sampler.num_samples)
-    cond = encode_captions(exp.tokenizer, captions, cfg.text.max_len)
+    n = cfg.sampler.num_samples
+    if cfg.text.kind == "none":
+        labels = list(labels) if labels is not None else [i % cfg.model.num_classes
+                                                          for i in range(n)]
+        return label_names(cfg, labels), {"label": np.asarray(labels, np.int32)}
+    captions = captions or validation_captions(cfg, n)
+    return captions, encode_captions(exp.tokenizer, captions, cfg.text.max_len)
+
+
+def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None,
+                  labels=None) -> str:
+    """Samples ``captions`` / ``labels`` (see :func:`sample_condition`) with the EMA weights
+    and writes ``samples/step_<step>.png`` plus the captions or class names beside it."""
+    cfg = exp.config
+    captions, cond = sample_condition(exp, captions, labels)
     images = exp.sample_fn(state_variables(state), {k: jnp.asarray(v) for k, v in cond.items()},
                        jax.random.PRNGKey(cfg.sampler.seed))
     cols = int(np.ceil(np.sqrt(len(captions))))

@@ -11,8 +11,13 @@ import jax.numpy as jnp
 import optax
 
 from jaxdit.diffusion import flow
-from jaxdit.models.registry import drop_condition
+from jaxdit.models.layers import patchify
+from jaxdit.models.registry import TRANSIENT_COLLECTIONS, drop_condition, persistent_variables
+from jaxdit.moe.metrics import summarize as summarize_moe
 from jaxdit.train.state import TrainState
+
+# Collections written during a training forward pass: running state plus per-step outputs.
+MUTABLE = ("moe_state",) + TRANSIENT_COLLECTIONS
 
 
 def condition_from_batch(batch):
@@ -21,8 +26,20 @@ def condition_from_batch(batch):
     return {k: batch[k] for k in keys if k in batch}
 
 
+def deep_supervision_loss(preds, target, patch_size: int):
+    """Per-layer regularisation (Race-DiT PLR): mean over layers of the MSE between each
+    layer's target-head prediction (B, N, p*p*C) and the patchified target (B, H, W, C)."""
+    tokens = patchify(target.astype(jnp.float32), patch_size)
+    errs = [jnp.mean(jnp.square(p - tokens)) for p in jax.tree.leaves(preds)]
+    return sum(errs) / len(errs)
+
+
 def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
-    """Mean flow-matching loss over ``batch``; returns ``(loss, aux)``."""
+    """Flow-matching loss over ``batch`` plus the model's regularisers.
+
+    Returns ``(loss, (metrics, new_model_state))``; ``new_model_state`` holds the updated
+    running statistics (e.g. MoE thresholds).
+    """
     x0 = autoencoder.encode(batch["image"])
     b = x0.shape[0]
     k_t, k_noise, k_drop = jax.random.split(rng, 3)
@@ -34,9 +51,21 @@ def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
         keep = jax.random.uniform(k_drop, (b,)) >= cfg.data.caption_dropout
         cond = {**cond, **drop_condition(cond, keep)}
     variables = {"params": params, **model_state}
-    pred = model.apply(variables, flow.interpolate(x0, noise, t), t, cond)
+    pred, out = model.apply(variables, flow.interpolate(x0, noise, t), t, cond, mutable=MUTABLE)
     loss = flow.per_sample_loss(pred, x0, noise).mean()
-    return loss, {"t_mean": t.mean()}
+    metrics = {"t_mean": t.mean(), "diffusion_loss": loss}
+    if out.get("deep_pred"):
+        plr = deep_supervision_loss(out["deep_pred"], flow.target(x0, noise),
+                                    cfg.model.patch_size)
+        metrics["plr_loss"] = plr
+        loss = loss + cfg.moe.plr_weight * plr
+    for path, value in jax.tree_util.tree_flatten_with_path(out.get("aux_loss", {}))[0]:
+        name = f"aux/{path[-2].key}" if len(path) > 1 else "aux"
+        metrics[name] = metrics.get(name, 0.0) + value
+        loss = loss + value
+    if out.get("moe_metrics"):
+        metrics.update(summarize_moe(out["moe_metrics"], t))
+    return loss, (metrics, persistent_variables(out))
 
 
 def _split_micro(batch, num_micro: int):
@@ -54,19 +83,28 @@ def train_step(state: TrainState, batch, *, model, autoencoder, tx, schedule, cf
     kw = dict(model=model, autoencoder=autoencoder, cfg=cfg)
     num_micro = int(cfg.optim.grad_accum)
     if num_micro <= 1:
-        (loss, aux), grads = grad_fn(state.params, state.model_state, batch, step_rng, **kw)
+        (loss, (aux, model_state)), grads = grad_fn(state.params, state.model_state, batch,
+                                                    step_rng, **kw)
     else:
         micro = _split_micro(batch, num_micro)
         keys = jax.random.split(step_rng, num_micro)
 
-        def body(carry, inputs):
-            mb, key = inputs
-            (l, a), g = grad_fn(state.params, state.model_state, mb, key, **kw)
-            return jax.tree.map(jnp.add, carry, (l, a, g)), None
+        def micro_0():
+            return jax.tree.map(lambda a: a[0], micro)
 
-        zeros = (jnp.zeros([]), {"t_mean": jnp.zeros([])},
+        def body(carry, inputs):  # model state (running thresholds) threads through
+            sums, model_state = carry
+            mb, key = inputs
+            (l, (a, model_state)), g = grad_fn(state.params, model_state, mb, key, **kw)
+            return (jax.tree.map(jnp.add, sums, (l, a, g)), model_state), None
+
+        shapes = jax.eval_shape(lambda: grad_fn(state.params, state.model_state, micro_0(),
+                                                keys[0], **kw))
+        (_, (aux_shape, _)), _ = shapes
+        zeros = (jnp.zeros([]), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
                  jax.tree.map(jnp.zeros_like, state.params))
-        (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, keys))
+        ((loss, aux, grads), model_state), _ = jax.lax.scan(
+            body, (zeros, state.model_state), (micro, keys))
         loss, aux, grads = jax.tree.map(lambda x: x / num_micro, (loss, aux, grads))
 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -77,7 +115,7 @@ def train_step(state: TrainState, batch, *, model, autoencoder, tx, schedule, cf
         decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                              opt_state=opt_state, rng=rng)
+                              opt_state=opt_state, model_state=model_state, rng=rng)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                "lr": schedule(state.step), **aux}
     return new_state, metrics

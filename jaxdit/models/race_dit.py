@@ -1,0 +1,113 @@
+"""Race-DiT: a class-conditional DiT (adaLN-Zero) whose MLPs are Expert-Race MoE blocks.
+
+The backbone is DiT (Peebles & Xie): patch embedding + fixed 2D sin-cos positions,
+``c = TimestepMLP(t) + LabelEmbedding(y)`` (a null class for classifier-free guidance),
+blocks ``x += g1 * Attn(modulate(LN(x)))``, ``x += g2 * FFN(modulate(LN(x)))`` with the six
+AdaLN vectors from a zero-initialised ``Linear(d -> 6d)`` per block, and the zero-init final
+layer. With ``moe=None`` the FFN is the dense MLP (the paper's "Dense" baselines); otherwise
+it is :class:`jaxdit.moe.layer.MoEMlp` in every block (Race-DiT, its Fig. 2).
+
+Condition: ``cond["label"]`` int (B,); label ``-1`` is the null class.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxdit.models.attention import SelfAttention
+from jaxdit.models.base import Block
+from jaxdit.models.layers import (AdaLNModulation, ConditionEmbedder, FinalLayer, LayerNorm,
+                                  Mlp, PatchEmbed, modulate, sincos_2d, unpatchify)
+from jaxdit.moe.layer import MoEMlp
+
+
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+    """MoE settings of every block (see :class:`MoEMlp`); ``hidden_split`` s gives experts of
+    hidden ``mlp_ratio * d / s``; "x-in-y" is ``k=x`` of ``num_experts=y``."""
+    num_experts: int
+    k: int
+    hidden_split: int = 1
+    routing: str = "expert_race"
+    gating: str = "identity"
+    capacity_factor: float = 2.0
+    eval_capacity_factor: float = 0.0
+    threshold_decay: float = 0.95
+    plr: bool = True
+    similarity_weight: float = 0.0
+    balance_weight: float = 0.0
+    topk_bits: int = 4
+    topk_method: str = "radix"
+    expert_impl: str = "grouped"
+
+
+class DiTBlock(Block):
+    """adaLN-Zero DiT block; FFN dense or MoE. ``x`` (B, N, d), ``c`` (B, d)."""
+    moe: MoESpec | None = None
+    target_dim: int = 0
+
+    def ffn(self):
+        hidden = int(self.width * self.mlp_ratio)
+        if self.moe is None:
+            return Mlp(hidden, name="mlp", **self.kw)
+        m = self.moe
+        if hidden % m.hidden_split:
+            raise ValueError(f"MLP hidden {hidden} is not divisible by moe.hidden_split="
+                             f"{m.hidden_split}.")
+        return MoEMlp(m.num_experts, m.k, hidden // m.hidden_split, routing=m.routing,
+                      gating=m.gating, capacity_factor=m.capacity_factor,
+                      eval_capacity_factor=m.eval_capacity_factor,
+                      threshold_decay=m.threshold_decay,
+                      target_dim=self.target_dim if m.plr else 0,
+                      similarity_weight=m.similarity_weight, balance_weight=m.balance_weight,
+                      topk_bits=m.topk_bits, topk_method=m.topk_method,
+                      expert_impl=m.expert_impl, name="moe", **self.kw)
+
+    @nn.compact
+    def __call__(self, x, c):
+        shift1, scale1, gate1, shift2, scale2, gate2 = AdaLNModulation(
+            self.width, 6, name="adaln", **self.kw)(c)
+        attn = SelfAttention(self.num_heads, self.head_dim, qk_norm=self.qk_norm,
+                             impl=self.attn_impl, name="attn", **self.kw)
+        x = x + gate1 * attn(modulate(LayerNorm(dtype=self.dtype)(x), shift1, scale1))
+        x = x + gate2 * self.ffn()(modulate(LayerNorm(dtype=self.dtype)(x), shift2, scale2))
+        return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
+class RaceDiT(nn.Module):
+    """Class-conditional DiT / Race-DiT denoiser: ``(x (B,H,W,C), t (B,), cond) -> (B,H,W,C)``."""
+    depth: int
+    width: int
+    num_heads: int
+    num_classes: int
+    patch_size: int = 2
+    out_channels: int = 4
+    mlp_ratio: float = 4.0
+    qk_norm: bool = False
+    moe: MoESpec | None = None
+    attn_impl: str = "xla"
+    remat: bool = False
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, t, cond):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        b, h, w, _ = x.shape
+        p = self.patch_size
+        tokens = PatchEmbed(self.width, p, name="patch_embed", **kw)(x.astype(self.dtype))
+        tokens = tokens + sincos_2d(h // p, w // p, self.width)[None].astype(self.dtype)
+        label = jnp.where(cond["label"] < 0, self.num_classes, cond["label"])
+        c = ConditionEmbedder(self.width, num_classes=self.num_classes, name="cond_embed",
+                              **kw)(t, label=label)
+        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+        for i in range(self.depth):
+            tokens = block_cls(width=self.width, num_heads=self.num_heads,
+                               mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm, sandwich=False,
+                               attn_impl=self.attn_impl, moe=self.moe,
+                               target_dim=p * p * self.out_channels, name=f"block_{i}",
+                               **kw)(tokens, c)
+        out = FinalLayer(p * p * self.out_channels, name="final", **kw)(tokens, c)
+        return unpatchify(out, p, h, w, self.out_channels).astype(jnp.float32)

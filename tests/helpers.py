@@ -11,7 +11,12 @@ VARIANTS = [
 
 
 def tiny_config(family="dit_air", arg="tiny", **train):
-    c = config_lib.air_family_config(family, arg)
+    if family == "race_dit":
+        c = config_lib.race_config(arg)
+        # Dropless buffers, so 1-device and sharded runs route and compute identically.
+        c.moe.update(capacity_factor=0.0, eval_capacity_factor=0.0)
+    else:
+        c = config_lib.air_family_config(family, arg)
     c.model.update(depth=2, width=64, num_heads=4, pos_embed_max_size=16)
     c.text.update(width=32, depth=1, num_heads=2, max_len=8)
     c.data.update(image_size=16, num_train=256, num_val=64)

@@ -22,7 +22,9 @@ def perturb(params, scale=0.05):
 
 
 MESHES = {"1dev": {"data": 1}, "data8": {"data": 8},
-          "dp2_fsdp2_tp2": {"data": 2, "fsdp": 2, "tensor": 2}}
+          "dp2_fsdp2_tp2": {"data": 2, "fsdp": 2, "tensor": 2},
+          "dp2_fsdp2_ep2": {"data": 2, "fsdp": 2, "expert": 2},
+          "dp2_ep4": {"data": 2, "expert": 4}}
 
 
 def _grads(family, arg, mesh_name):
@@ -48,11 +50,18 @@ def _grads(family, arg, mesh_name):
         return float(loss), jax.device_get(grads), sharded
 
 
-@pytest.mark.parametrize("family,arg", VARIANTS)
+# Race-DiT also runs with experts sharded over "expert" (expert parallelism).
+MESHES_FOR = {"tiny-4in16": ("data8", "dp2_fsdp2_tp2", "dp2_fsdp2_ep2", "dp2_ep4"),
+              "tiny-2in8,routing=bl_choice": ("dp2_fsdp2_ep2",)}
+MOE_VARIANTS = [("race_dit", "tiny-4in16"), ("race_dit", "tiny-2in8,routing=bl_choice"),
+                ("race_dit", "tiny-dense")]
+
+
+@pytest.mark.parametrize("family,arg", VARIANTS + MOE_VARIANTS)
 def test_loss_and_grads_match_across_meshes(family, arg):
     ref_loss, ref_grads, _ = _grads(family, arg, "1dev")
     assert np.isfinite(ref_loss)
-    for name in ("data8", "dp2_fsdp2_tp2"):
+    for name in MESHES_FOR.get(arg, ("data8", "dp2_fsdp2_tp2")):
         loss, grads, sharded = _grads(family, arg, name)
         np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
@@ -61,8 +70,8 @@ def test_loss_and_grads_match_across_meshes(family, arg):
             assert sharded, "params should be split over fsdp/tensor on the 2x2x2 mesh"
 
 
-def _train_steps(mesh_name, steps=2):
-    cfg = tiny_config("dit_air", "tiny", batch_size=8)
+def _train_steps(mesh_name, steps=2, family="dit_air", arg="tiny", batch=8):
+    cfg = tiny_config(family, arg, batch_size=batch)
     cfg.optim.grad_accum = 2
     cfg.mesh = MESHES[mesh_name]
     devices = jax.devices()[:1] if mesh_name == "1dev" else jax.devices()
@@ -70,18 +79,33 @@ def _train_steps(mesh_name, steps=2):
     losses = []
     with exp.context():
         state = exp.create_state()
-        batch = exp.to_global({k: np.asarray(v) for k, v in fixed_batch(cfg).items()})
+        batch = exp.to_global({k: np.asarray(v)
+                               for k, v in fixed_batch(cfg, cfg.train.batch_size).items()})
         step = exp.jit_train_step(batch)
         for _ in range(steps):
             state, m = step(state, batch)
             losses.append(float(m["loss"]))
-        return losses, jax.device_get(state.params), jax.device_get(state.ema_params)
+        return (losses, jax.device_get(state.params), jax.device_get(state.ema_params),
+                jax.device_get(state.model_state))
 
 
 def test_train_step_with_grad_accum_matches_across_meshes():
-    ref_losses, ref_params, ref_ema = _train_steps("1dev")
-    losses, params, ema = _train_steps("dp2_fsdp2_tp2")
+    ref_losses, ref_params, ref_ema, _ = _train_steps("1dev")
+    losses, params, ema, _ = _train_steps("dp2_fsdp2_tp2")
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
     assert ref_losses[1] != ref_losses[0]
     for a, b in ((params, ref_params), (ema, ref_ema)):
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
+
+
+def test_race_dit_train_step_matches_with_expert_parallelism():
+    """Grad accumulation threads the running MoE thresholds through the micro-batches; the
+    thresholds, losses and parameters agree between 1 device and data 2 x expert 4."""
+    ref = _train_steps("1dev", family="race_dit", arg="tiny-4in16", batch=16)
+    out = _train_steps("dp2_ep4", family="race_dit", arg="tiny-4in16", batch=16)
+    np.testing.assert_allclose(out[0], ref[0], rtol=1e-5)
+    for a, b in zip(out[1:], ref[1:]):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
+    updates = [v for p, v in jax.tree_util.tree_leaves_with_path(ref[3])
+               if p[-1].key == "updates"]
+    assert updates and all(int(u) == 4 for u in updates)  # 2 steps x 2 micro-batches

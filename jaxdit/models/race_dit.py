@@ -14,7 +14,9 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdit.models.attention import SelfAttention
 from jaxdit.models.base import Block
@@ -111,3 +113,30 @@ class RaceDiT(nn.Module):
                                **kw)(tokens, c)
         out = FinalLayer(p * p * self.out_channels, name="final", **kw)(tokens, c)
         return unpatchify(out, p, h, w, self.out_channels).astype(jnp.float32)
+
+
+EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+
+
+def param_counts(params, moe: MoESpec | None) -> dict[str, int]:
+    """Parameter counts as Race-DiT reports them (params may be ``ShapeDtypeStruct``s).
+
+    ``total``: everything; ``blocks``: the transformer blocks (its Table 4 "Total Param."
+    counts these: DiT-XL/2 is listed at 0.669B, i.e. without embedders and final layer);
+    ``blocks_without_router``: its Table 5 convention; ``activated``: blocks with only ``k``
+    of the ``E`` experts per MoE layer (Table 4 "Activate").
+    """
+    out = dict(total=0, blocks=0, router=0, experts=0)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [getattr(p, "key", str(p)) for p in path]
+        n = int(np.prod(leaf.shape))
+        out["total"] += n
+        if not any(str(x).startswith("block_") for x in names):
+            continue
+        out["blocks"] += n
+        if "moe" in names:
+            out["experts" if names[-1] in EXPERT_PARAMS else "router"] += n
+    active = out["experts"] * moe.k // moe.num_experts if moe else 0
+    return dict(total=out["total"], blocks=out["blocks"],
+                blocks_without_router=out["blocks"] - out["router"],
+                activated=out["blocks"] - out["experts"] + active)

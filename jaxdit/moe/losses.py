@@ -19,7 +19,8 @@ def router_similarity_loss(logits, mask):
     same token (diagonal: per-expert load). Weights, without gradient:
     ``W_ii = E * M'_ii / sum_j M'_jj`` and ``W_ij = (E^2 - E) * M'_ij / sum_{i!=j} M'_ij``;
     loss ``sum(W * P') / N``. Overloaded experts and frequently co-selected pairs are pushed
-    apart, which balances load and diversifies expert combinations. Equals 1 for uniform P.
+    apart, which balances load and diversifies expert combinations. Equals 1 for uniform P
+    with uniform load and co-activation.
     """
     n, e = logits.shape
     p = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -22,7 +23,8 @@ class MetricWriter:
         if not self.enabled:
             return
         for k, v in scalars.items():
-            self.tb.add_scalar(k, float(v), step)
+            if math.isfinite(float(v)):  # e.g. an empty timestep bin is NaN; keep it in jsonl
+                self.tb.add_scalar(k, float(v), step)
         self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}})
                          + "\n")
         self.jsonl.flush()

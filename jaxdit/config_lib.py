@@ -49,7 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
         num_experts=0, k=1, hidden_split=1, routing="expert_race", gating="identity",
         capacity_factor=2.0, eval_capacity_factor=0.0, threshold_decay=0.95, plr=True,
         plr_weight=0.1, similarity_weight=0.01, balance_weight=0.0, topk_bits=4,
-        topk_method="radix", expert_impl="grouped"))
+        topk_method="radix", expert_impl="auto"))
     c.text = ml_collections.ConfigDict(dict(
         kind="trainable", vocab_size=0, max_len=16, width=128, depth=2, num_heads=4))
     c.latent = ml_collections.ConfigDict(dict(kind="identity", channels=3, downsample=1))

@@ -14,7 +14,7 @@ def tiny_config(family="dit_air", arg="tiny", **train):
     if family == "race_dit":
         c = config_lib.race_config(arg)
         # Dropless buffers, so 1-device and sharded runs route and compute identically.
-        c.moe.update(capacity_factor=0.0, eval_capacity_factor=0.0)
+        c.moe.update(capacity_factor=0.0, eval_capacity_factor=0.0, expert_impl="grouped")
     else:
         c = config_lib.air_family_config(family, arg)
     c.model.update(depth=2, width=64, num_heads=4, pos_embed_max_size=16)

@@ -41,3 +41,29 @@ def test_train_then_sample_from_checkpoint(tmp_path):
     assert "from checkpoint step 3" in out
     img = Image.open(png)
     assert img.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # 3 columns x 2 rows of 32x32 + padding
+
+
+def test_race_dit_trains_and_samples_by_label(tmp_path):
+    """Class-conditional Race-DiT through the same CLI: MoE metrics logged, samples by label."""
+    wd = str(tmp_path / "race")
+    out = _run(["jaxdit.train", "--config", "experiments/race_dit.py:tiny-4in16",
+                "--workdir", wd, "--config.train.steps=2", "--config.train.log_every=1",
+                "--config.train.batch_size=8", "--config.model.depth=1",
+                "--config.sampler.num_steps=2", "--config.sampler.num_samples=4",
+                "--config.train.val_batches=1"], tmp_path)
+    assert "Model race_dit" in out
+    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"), encoding="utf-8")]
+    train_rows = [r for r in rows if "loss" in r]
+    for key in ("moe/maxvio", "moe/comb", "moe/experts_per_token", "plr_loss",
+                "aux/router_similarity", "moe/batch_threshold"):
+        assert key in train_rows[-1], key
+    assert abs(train_rows[-1]["moe/experts_per_token"] - 4.0) < 1e-5  # K = B*L*k exactly
+    names = open(os.path.join(wd, "samples", "step_0000002.txt"), encoding="utf-8").read()
+    assert "a red circle" in names
+
+    png = str(tmp_path / "labels.png")
+    out = _run(["jaxdit.sample", "--workdir", wd, "--label", "0", "--label", "7", "--out", png,
+                "--num_per_prompt", "2", "--num_steps", "2"], tmp_path)
+    assert "from checkpoint step 2" in out
+    assert Image.open(png).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+    assert "a green square" in open(png.replace(".png", ".txt"), encoding="utf-8").read()

@@ -42,7 +42,7 @@ class MoESpec:
     balance_weight: float = 0.0
     topk_bits: int = 4
     topk_method: str = "radix"
-    expert_impl: str = "grouped"
+    expert_impl: str = "auto"
 
 
 class DiTBlock(Block):

@@ -14,7 +14,7 @@ from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
 from jaxdit.models.race_dit import MoESpec, RaceDiT
 from jaxdit.models.text import TextEncoder
-from jaxdit.moe import routing
+from jaxdit.moe import experts, routing
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEXT_KINDS = ("trainable", "precomputed", "none")
@@ -40,6 +40,12 @@ def moe_spec(moe_cfg) -> MoESpec | None:
         raise ValueError(f"Unknown moe.gating {spec.gating!r}; available: {routing.GATINGS}.")
     if not 1 <= spec.k <= spec.num_experts:
         raise ValueError(f"moe.k={spec.k} must be in [1, moe.num_experts={spec.num_experts}].")
+    experts.resolve_impl(spec.expert_impl)
+    if spec.topk_method not in routing.TOPK_METHODS:
+        raise ValueError(f"Unknown moe.topk_method {spec.topk_method!r}; available: "
+                         f"{routing.TOPK_METHODS}.")
+    if spec.topk_bits not in (1, 2, 4, 8):
+        raise ValueError(f"moe.topk_bits must be 1, 2, 4 or 8, got {spec.topk_bits}.")
     if not 0.0 <= spec.threshold_decay < 1.0:
         raise ValueError(f"moe.threshold_decay must be in [0, 1), got {spec.threshold_decay}.")
     return spec

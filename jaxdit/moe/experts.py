@@ -16,7 +16,10 @@ device all-gathers the tokens of its expert group, computes its own experts, and
 outputs are reduce-scattered back (``psum_scatter``): the all-gather / reduce-scatter
 equivalent of an all-to-all dispatch and combine.
 
-:func:`dense_ffn` runs every expert on every token and masks: the test oracle only.
+:func:`dense_ffn` runs every expert on every token and masks: the test oracle, and what
+``impl="auto"`` uses on CPU. There jax lowers ``ragged_dot`` by masking the buffer once per
+expert (E times its FLOPs; ``tools/bench_moe.py`` measured it 2.6x slower than dense),
+while TPU (XLA's ragged dot) and GPU (Triton / XLA ragged dot) have grouped lowerings.
 """
 from __future__ import annotations
 
@@ -28,6 +31,16 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 PARAM_NAMES = ("w1", "b1", "w2", "b2")
+IMPLS = ("auto", "grouped", "dense")
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto`` -> ``grouped`` on TPU/GPU, ``dense`` on CPU (see the module docstring)."""
+    if impl not in IMPLS:
+        raise ValueError(f"Unknown moe.expert_impl {impl!r}; available: {IMPLS}.")
+    if impl == "auto":
+        return "dense" if jax.default_backend() == "cpu" else "grouped"
+    return impl
 
 
 def capacity(num_tokens: int, local_experts: int, num_experts: int, k: float,
@@ -91,7 +104,7 @@ def dense_ffn(x, mask, weight, params):
 
 
 def expert_ffn(x, mask, weight, params, *, k: float, capacity_factor: float, mesh=None,
-               token_axes=(), expert_axis: str | None = None, impl: str = "grouped"):
+               token_axes=(), expert_axis: str | None = None, impl: str = "auto"):
     """Mixture-of-experts MLP over a (possibly sharded) batch.
 
     Args:
@@ -99,12 +112,11 @@ def expert_ffn(x, mask, weight, params, *, k: float, capacity_factor: float, mes
       k: average experts per token (sizes the buffer); capacity_factor: see :func:`capacity`.
       mesh, token_axes: mesh axes the batch dim is sharded over (empty: replicated/no mesh).
       expert_axis: mesh axis the experts are sharded over, or None (replicated experts).
-      impl: ``grouped`` (ragged_dot) or ``dense`` (oracle).
+      impl: ``grouped`` (ragged_dot), ``dense`` (oracle) or ``auto``.
     Returns:
       ``(y (B, L, d), dropped)``, ``dropped`` summed over all devices.
     """
-    if impl not in ("grouped", "dense"):
-        raise ValueError(f"Unknown moe.expert_impl {impl!r}; use grouped or dense.")
+    impl = resolve_impl(impl)
     b, l, d = x.shape
     num_experts = mask.shape[-1]
     token_axes = tuple(token_axes)

@@ -71,7 +71,7 @@ class MoEMlp(nn.Module):
     balance_weight: float = 0.0
     topk_bits: int = 4
     topk_method: str = "radix"
-    expert_impl: str = "grouped"
+    expert_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

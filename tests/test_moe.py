@@ -328,3 +328,16 @@ def test_race_config_parsing_and_errors():
     c = config_lib.race_config("tiny-4in16,gating=tanh")
     with pytest.raises(ValueError, match="moe.gating"):
         build_model(c)
+
+
+def test_router_statistics_reduce_e_by_e_not_the_logits():
+    """Router similarity over batch-sharded (N, E) logits: XLA reduces E x E partial sums and
+    never gathers the (N, E) logits."""
+    mesh = make_mesh({"data": 8})
+    n, e = 8 * 512, 16
+    sh = NamedSharding(mesh, P("data"))
+    logits = jax.ShapeDtypeStruct((n, e), jnp.float32, sharding=sh)
+    mask = jax.ShapeDtypeStruct((n, e), jnp.bool_, sharding=sh)
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(losses.router_similarity_loss).lower(logits, mask).compile().as_text()
+    assert "all-reduce" in hlo and "all-gather" not in hlo

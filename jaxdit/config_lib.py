@@ -64,7 +64,7 @@ def base_config() -> ml_collections.ConfigDict:
     # DiT-Air's inference defaults: Heun SDE, 50 steps, CFG 7.5.
     c.sampler = ml_collections.ConfigDict(dict(
         method="heun", sde=True, num_steps=50, cfg_scale=7.5, shift=1.0, sde_strength=1.0,
-        num_samples=16, seed=0))
+        num_samples=16, seed=0, cfg_renorm=0.0, cfg_trunc=1.0))
     c.optim = ml_collections.ConfigDict(dict(
         name="adafactor", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
         clip_norm=1.0, schedule="constant", warmup_steps=0, final_lr_ratio=0.0,

@@ -37,7 +37,8 @@ def test_exact_velocity_is_the_flow_matching_optimum():
                                atol=0.01)
 
 
-@pytest.mark.parametrize("method,steps,tol", [("euler", 400, 5e-3), ("heun", 40, 1e-3)])
+@pytest.mark.parametrize("method,steps,tol", [("euler", 400, 5e-3), ("heun", 40, 1e-3),
+                                              ("midpoint", 40, 1e-3), ("dpmpp_2m", 80, 2e-3)])
 def test_ode_maps_noise_to_data_deterministically(method, steps, tol):
     z = jnp.linspace(-2.0, 2.0, 9)[:, None]
     x = sample(exact_f, z, jax.random.PRNGKey(0), method=method, num_steps=steps)
@@ -51,7 +52,20 @@ def test_heun_is_more_accurate_than_euler_at_equal_steps():
     assert err["heun"] < 0.2 * err["euler"]
 
 
-@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_second_order_solvers_converge_at_second_order():
+    """Halving the step size divides the error by about 4 (Euler: by about 2)."""
+    z = jnp.linspace(-2.0, 2.0, 9)[:, None]
+
+    def err(method, n):
+        return float(jnp.abs(sample(exact_f, z, jax.random.PRNGKey(0), method=method,
+                                    num_steps=n, shift=2.0) - (MU + SIGMA * z)).max())
+
+    for method in ("midpoint", "dpmpp_2m", "heun"):
+        assert err(method, 10) / err(method, 20) > 3.0, method
+    assert err("euler", 10) / err("euler", 20) < 2.5
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "midpoint"])
 def test_sde_samples_have_the_data_distribution(method):
     z = jax.random.normal(jax.random.PRNGKey(3), (20_000, 1))
     x = sample(exact_f, z, jax.random.PRNGKey(4), method=method, sde=True, num_steps=200)
@@ -96,8 +110,30 @@ def test_cfg_combines_conditional_and_unconditional_in_one_batch():
     assert calls == [4]
 
 
+def test_cfg_per_sample_scale_renorm_and_truncation():
+    def apply(x, t, cond):
+        return jnp.ones_like(x) * cond["c"][:, None]
+
+    cond, null = {"c": jnp.array([2.0, 2.0, 2.0])}, {"c": jnp.array([1.0, 1.0, 1.0])}
+    x, t = jnp.zeros((3, 4)), jnp.array([0.9, 0.9, 0.2])
+    f = cfg_model(apply, cond, null, scale=jnp.array([1.0, 4.0, 4.0]))(x, t)
+    np.testing.assert_allclose(f[:, 0], [2.0, 5.0, 5.0])
+    # Renorm caps the guided norm at renorm x the conditional norm (2.0 per entry here).
+    f = cfg_model(apply, cond, null, scale=4.0, renorm=1.0)(x, t)
+    np.testing.assert_allclose(f, 2.0)
+    # Truncation: guidance only while t > 1 - trunc; sample 3 (t=0.2) gets f_cond.
+    f = cfg_model(apply, cond, null, scale=4.0, trunc=0.5)(x, t)
+    np.testing.assert_allclose(f[:, 0], [5.0, 5.0, 2.0])
+    sample_fn = jax.jit(lambda z: sample(cfg_model(apply, cond, null, scale=4.0, trunc=0.5),
+                                         z, jax.random.PRNGKey(0), method="dpmpp_2m",
+                                         num_steps=4))
+    assert sample_fn(jnp.zeros((3, 4))).shape == (3, 4)
+
+
 def test_sampler_argument_errors():
     with pytest.raises(ValueError, match="Unknown sampler"):
         sample(exact_f, jnp.zeros((1, 1)), jax.random.PRNGKey(0), method="rk4")
     with pytest.raises(ValueError, match="num_steps"):
         sample(exact_f, jnp.zeros((1, 1)), jax.random.PRNGKey(0), num_steps=0)
+    with pytest.raises(ValueError, match="deterministic"):
+        sample(exact_f, jnp.zeros((1, 1)), jax.random.PRNGKey(0), method="dpmpp_2m", sde=True)

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from jaxdit.diffusion.samplers import SAMPLERS
 from jaxdit.eval.sampling import save_grid, write_captions
 from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.loop import Experiment, sample_condition, state_variables
@@ -27,7 +28,7 @@ flags.DEFINE_integer("num_per_prompt", 4, "Samples per prompt (one grid row per 
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_float("cfg_scale", None, "Override sampler.cfg_scale.")
 flags.DEFINE_integer("num_steps", None, "Override sampler.num_steps.")
-flags.DEFINE_enum("method", None, ["euler", "heun"], "Override sampler.method.")
+flags.DEFINE_enum("method", None, list(SAMPLERS), "Override sampler.method.")
 flags.DEFINE_bool("sde", None, "Override sampler.sde.")
 flags.DEFINE_bool("ema", True, "Use the EMA weights (default) or the raw parameters.")
 flags.mark_flags_as_required(["workdir"])

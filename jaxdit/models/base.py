@@ -45,7 +45,8 @@ class Block(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """Base of the DiT-Air-family denoisers (fields, embedding of inputs, output head)."""
+    """Base of the denoisers (fields, embedding of inputs, output head). Class-conditional
+    families use :meth:`embed_image` and :meth:`predict` and ignore the text fields."""
     depth: int
     width: int
     num_heads: int
@@ -78,14 +79,17 @@ class Denoiser(nn.Module):
         del grid_h, grid_w
         return None
 
-    def embed_inputs(self, x, t, cond):
-        """Returns ``(image tokens (B, N, d), text tokens (B, L, d), key mask of the text
-        (B, L) bool, condition vector c (B, d))``."""
+    def embed_image(self, x):
+        """Latents ``(B, H, W, C)`` -> patch tokens ``(B, N, d)`` plus :meth:`image_positions`."""
         p = self.patch_size
         img = PatchEmbed(self.width, p, name="patch_embed", **self.kw)(x.astype(self.dtype))
         pos = self.image_positions(x.shape[1] // p, x.shape[2] // p)
-        if pos is not None:
-            img = img + pos.astype(self.dtype)
+        return img if pos is None else img + pos.astype(self.dtype)
+
+    def embed_inputs(self, x, t, cond):
+        """Returns ``(image tokens (B, N, d), text tokens (B, L, d), key mask of the text
+        (B, L) bool, condition vector c (B, d))``."""
+        img = self.embed_image(x)
         txt = TextAdapter(self.width, int(self.text_hidden_ratio * self.width),
                           name="text_adapter", **self.kw)(cond["text_tokens"])
         cvec = ConditionEmbedder(self.width, name="cond_embed", **self.kw)(t, cond["text_pooled"])

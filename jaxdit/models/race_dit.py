@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit.models.attention import SelfAttention
-from jaxdit.models.base import Block
-from jaxdit.models.layers import (AdaLNModulation, ConditionEmbedder, FinalLayer, LayerNorm,
-                                  Mlp, PatchEmbed, modulate, sincos_2d, unpatchify)
+from jaxdit.models.base import Block, Denoiser
+from jaxdit.models.layers import (AdaLNModulation, ConditionEmbedder, LayerNorm, Mlp, modulate,
+                                  sincos_2d)
 from jaxdit.moe.layer import MoEMlp
 
 
@@ -78,41 +78,29 @@ class DiTBlock(Block):
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
 
-class RaceDiT(nn.Module):
-    """Class-conditional DiT / Race-DiT denoiser: ``(x (B,H,W,C), t (B,), cond) -> (B,H,W,C)``."""
-    depth: int
-    width: int
-    num_heads: int
-    num_classes: int
-    patch_size: int = 2
-    out_channels: int = 4
-    mlp_ratio: float = 4.0
-    qk_norm: bool = False
+class RaceDiT(Denoiser):
+    """Class-conditional DiT / Race-DiT denoiser: ``(x (B,H,W,C), t (B,), cond) -> (B,H,W,C)``.
+
+    Fields are :class:`Denoiser`'s (the text ones unused) plus ``num_classes`` and ``moe``.
+    """
+    num_classes: int = 0
     moe: MoESpec | None = None
-    attn_impl: str = "xla"
-    remat: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
+
+    def image_positions(self, grid_h, grid_w):
+        return sincos_2d(grid_h, grid_w, self.width)[None]
 
     @nn.compact
     def __call__(self, x, t, cond):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, h, w, _ = x.shape
-        p = self.patch_size
-        tokens = PatchEmbed(self.width, p, name="patch_embed", **kw)(x.astype(self.dtype))
-        tokens = tokens + sincos_2d(h // p, w // p, self.width)[None].astype(self.dtype)
+        tokens = self.embed_image(x)
         label = jnp.where(cond["label"] < 0, self.num_classes, cond["label"])
         c = ConditionEmbedder(self.width, num_classes=self.num_classes, name="cond_embed",
-                              **kw)(t, label=label)
-        block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
+                              **self.kw)(t, label=label)
+        block_cls = self.block_class(DiTBlock)
+        target_dim = self.patch_size ** 2 * self.out_channels
         for i in range(self.depth):
-            tokens = block_cls(width=self.width, num_heads=self.num_heads,
-                               mlp_ratio=self.mlp_ratio, qk_norm=self.qk_norm, sandwich=False,
-                               attn_impl=self.attn_impl, moe=self.moe,
-                               target_dim=p * p * self.out_channels, name=f"block_{i}",
-                               **kw)(tokens, c)
-        out = FinalLayer(p * p * self.out_channels, name="final", **kw)(tokens, c)
-        return unpatchify(out, p, h, w, self.out_channels).astype(jnp.float32)
+            tokens = block_cls(moe=self.moe, target_dim=target_dim, name=f"block_{i}",
+                               **self.block_options())(tokens, c)
+        return self.predict(tokens, c, x.shape)
 
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")

@@ -14,7 +14,7 @@ from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
 from jaxdit.models.race_dit import MoESpec, RaceDiT
 from jaxdit.models.text import TextEncoder
-from jaxdit.moe import experts, routing
+from jaxdit.moe import experts, routing, topk
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEXT_KINDS = ("trainable", "precomputed", "none")
@@ -36,16 +36,12 @@ def moe_spec(moe_cfg) -> MoESpec | None:
     fields = {f.name for f in dataclasses.fields(MoESpec)}
     spec = MoESpec(**{k: v for k, v in moe_cfg.items() if k in fields})
     routing.check_strategy(spec.routing)
-    if spec.gating not in routing.GATINGS:
-        raise ValueError(f"Unknown moe.gating {spec.gating!r}; available: {routing.GATINGS}.")
+    routing.check_gating(spec.gating)
     if not 1 <= spec.k <= spec.num_experts:
         raise ValueError(f"moe.k={spec.k} must be in [1, moe.num_experts={spec.num_experts}].")
     experts.resolve_impl(spec.expert_impl)
-    if spec.topk_method not in routing.TOPK_METHODS:
-        raise ValueError(f"Unknown moe.topk_method {spec.topk_method!r}; available: "
-                         f"{routing.TOPK_METHODS}.")
-    if spec.topk_bits not in (1, 2, 4, 8):
-        raise ValueError(f"moe.topk_bits must be 1, 2, 4 or 8, got {spec.topk_bits}.")
+    topk.check_method(spec.topk_method)
+    topk.check_bits(spec.topk_bits)
     if not 0.0 <= spec.threshold_decay < 1.0:
         raise ValueError(f"moe.threshold_decay must be in [0, 1), got {spec.threshold_decay}.")
     return spec
@@ -63,7 +59,8 @@ def build_denoiser(model_cfg, out_channels: int, moe_cfg=None) -> nn.Module:
         return RaceDiT(depth=m.depth, width=m.width, num_heads=m.num_heads,
                        num_classes=m.num_classes, patch_size=m.patch_size,
                        out_channels=out_channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
-                       moe=moe_spec(moe_cfg), attn_impl=m.attn_impl, remat=m.remat,
+                       sandwich=m.sandwich, moe=moe_spec(moe_cfg), attn_impl=m.attn_impl,
+                       remat=m.remat,
                        dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
     common = dict(depth=m.depth, width=m.width, num_heads=m.num_heads, patch_size=m.patch_size,
                   out_channels=out_channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,

@@ -30,7 +30,6 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-PARAM_NAMES = ("w1", "b1", "w2", "b2")
 IMPLS = ("auto", "grouped", "dense")
 
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 from jaxdit.models.layers import dense
 from jaxdit.moe import experts, losses, routing
-from jaxdit.parallel.mesh import LOGICAL_RULES
+from jaxdit.parallel.mesh import batch_mesh_axes
 
 Dtype = Any
 expert_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-2,
@@ -48,8 +48,7 @@ def mesh_layout(batch: int, num_experts: int):
     if mesh.empty:
         return (), None
     sizes = dict(mesh.shape)
-    rules = dict(LOGICAL_RULES)
-    axes = tuple(a for a in rules["batch"] if sizes.get(a, 1) > 1)
+    axes = batch_mesh_axes(sizes)
     token_axes = axes if batch % math.prod(sizes[a] for a in axes) == 0 else ()
     n_exp = sizes.get("expert", 1)
     expert_axis = "expert" if n_exp > 1 and num_experts % n_exp == 0 else None

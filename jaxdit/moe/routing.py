@@ -38,7 +38,11 @@ STRATEGIES = {
     "expert_race": ("", "ble"),
 }
 GATINGS = ("identity", "softmax", "sigmoid")
-TOPK_METHODS = ("radix", "gather")
+
+
+def check_gating(kind: str) -> None:
+    if kind not in GATINGS:
+        raise ValueError(f"Unknown moe.gating {kind!r}; available: {GATINGS}.")
 
 
 def check_strategy(strategy: str) -> None:
@@ -61,14 +65,13 @@ def group_size(strategy: str, seq_len: int, num_experts: int) -> int:
 
 def gate(logits, kind: str):
     """Gating function: the score used both to rank and to weight experts (fp32)."""
+    check_gating(kind)
     logits = logits.astype(jnp.float32)
-    if kind == "identity":
-        return logits
     if kind == "softmax":
         return jax.nn.softmax(logits, axis=-1)
     if kind == "sigmoid":
         return jax.nn.sigmoid(logits)
-    raise ValueError(f"Unknown moe.gating {kind!r}; available: {GATINGS}.")
+    return logits
 
 
 def num_selected(strategy: str, batch: int, seq_len: int, num_experts: int, k: int) -> int:
@@ -116,10 +119,7 @@ def _to_groups(scores, strategy):
 
 def _route_local(scores, strategy, k_sel, axis_name, bits, method):
     flat, back = _to_groups(scores, strategy)
-    if method == "radix":
-        mask, kth = topk.topk_mask(flat, k_sel, axis_name, bits)
-    else:
-        mask, kth = topk.gathered_topk_mask(flat, k_sel, axis_name)
+    mask, kth = topk.select(flat, k_sel, axis_name, method=method, bits=bits)
     return back(mask), kth
 
 
@@ -138,8 +138,7 @@ def route(scores, strategy: str, k: int, *, mesh=None, batch_axes=(), bits: int 
       ``(mask (B, L, E) bool, kth (G,) float32)``: exactly ``B*L*k`` pairs selected;
       ``kth`` is the K-th score of each group (meaningful for batch-dependent strategies).
     """
-    if method not in TOPK_METHODS:
-        raise ValueError(f"Unknown moe.topk_method {method!r}; available: {TOPK_METHODS}.")
+    topk.check_method(method)
     b, l, e = scores.shape
     k_sel = num_selected(strategy, b, l, e, k)
     sharded = bool(batch_axes) and batch_dependent(strategy)

@@ -24,6 +24,19 @@ import jax.numpy as jnp
 from jax import lax
 
 SIGN = 0x80000000
+METHODS = ("radix", "gather")
+RADIX_BITS = (1, 2, 4, 8)
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"Unknown moe.topk_method {method!r}; available: {METHODS}.")
+
+
+def check_bits(bits: int) -> None:
+    if bits not in RADIX_BITS:
+        raise ValueError(f"moe.topk_bits (radix digit width) must be one of {RADIX_BITS}, "
+                         f"got {bits}.")
 
 
 def ordered_keys(x):
@@ -62,8 +75,7 @@ def radix_select(keys, k: int, axis_name=None, bits: int = 4):
       ``(tau, above)``: ``tau`` (G,) uint32 is the k-th largest key and ``above`` (G,)
       int32 the global number of keys strictly greater than ``tau`` (``above < k``).
     """
-    if bits not in (1, 2, 4, 8):
-        raise ValueError(f"radix bits must be 1, 2, 4 or 8, got {bits}.")
+    check_bits(bits)
     g = keys.shape[0]
     nbins = 1 << bits
     bins = jnp.arange(nbins, dtype=jnp.uint32)
@@ -131,18 +143,23 @@ def gathered_topk_mask(scores, k: int, axis_name=None):
     return mine, lax.pmax(values[:, -1], axis_name)  # identical everywhere; marks it so
 
 
+def select(scores, k: int, axis_name=None, *, method: str = "radix", bits: int = 4):
+    """Top-k mask and K-th value by ``method``: ``radix`` (:func:`topk_mask`) or ``gather``
+    (:func:`gathered_topk_mask`, the reference). Same contract as :func:`topk_mask`."""
+    check_method(method)
+    if method == "radix":
+        return topk_mask(scores, k, axis_name, bits)
+    return gathered_topk_mask(scores, k, axis_name)
+
+
 def sharded_topk_mask(scores, k: int, mesh, axes, *, method: str = "radix", bits: int = 4):
-    """:func:`topk_mask` on a global ``(G, M)`` array whose member dim is sharded over
-    ``axes`` of ``mesh`` (runs under ``jax.shard_map``). ``method``: radix | gather."""
+    """:func:`select` on a global ``(G, M)`` array whose member dim is sharded over
+    ``axes`` of ``mesh`` (runs under ``jax.shard_map``)."""
     spec = jax.sharding.PartitionSpec(None, axes)
     name = axes if isinstance(axes, str) else tuple(axes)
 
     def body(s):
-        if method == "radix":
-            return topk_mask(s, k, name, bits)
-        if method == "gather":
-            return gathered_topk_mask(s, k, name)
-        raise ValueError(f"Unknown top-k method {method!r}; use radix or gather.")
+        return select(s, k, name, method=method, bits=bits)
 
     return jax.shard_map(body, mesh=mesh, in_specs=spec,
                          out_specs=(spec, jax.sharding.PartitionSpec()))(scores)

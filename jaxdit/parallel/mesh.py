@@ -107,11 +107,18 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def batch_divisor(mesh: Mesh, rules=LOGICAL_RULES) -> int:
-    """How many ways the batch dimension is split (global batch must be a multiple)."""
+def batch_mesh_axes(axis_sizes: Mapping[str, int], rules=LOGICAL_RULES) -> tuple[str, ...]:
+    """Mesh axes the batch dimension is split over (those of the ``batch`` rule with more
+    than one device), in sharding order. ``axis_sizes``: a mesh's ``shape``, concrete or
+    abstract."""
     spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
     axes = (spec,) if isinstance(spec, str) else (spec or ())
-    return math.prod(mesh.shape[a] for a in axes)
+    return tuple(a for a in axes if axis_sizes.get(a, 1) > 1)
+
+
+def batch_divisor(mesh: Mesh, rules=LOGICAL_RULES) -> int:
+    """How many ways the batch dimension is split (global batch must be a multiple)."""
+    return math.prod(mesh.shape[a] for a in batch_mesh_axes(mesh.shape, rules))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -42,7 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
         family="dit_air", depth=4, width=128, num_heads=4, patch_size=4, mlp_ratio=4.0,
         share="none", adaln="per_layer", qk_norm=True, sandwich=True, adaln_layer_offset=True,
         pos_embed_max_size=144, text_hidden_ratio=4.0, attn_impl="xla", remat=False,
-        dtype="float32", param_dtype="float32", num_classes=0))
+        dtype="float32", param_dtype="float32", num_classes=0,
+        # Lumina-Image 2.0 only: KV heads (0 = num_heads), M-RoPE channels per axis.
+        num_kv_heads=0, axes_dims=(0, 0, 0), num_refiner_layers=2, ffn_multiple_of=256))
     # Mixture of experts replacing the MLPs (Race-DiT); num_experts=0 keeps dense MLPs.
     # The paper does not give the PLR and router-similarity weights: ours are choices.
     c.moe = ml_collections.ConfigDict(dict(
@@ -58,9 +60,13 @@ def base_config() -> ml_collections.ConfigDict:
         source="shapes", image_size=32, num_train=50_000, num_val=512, max_objects=3, seed=0,
         caption_dropout=0.1, folder="", val_folder="", tfds_name="", tfds_data_dir="",
         tfds_train_split="train", tfds_val_split="test", tfds_label_key="label",
-        tfds_caption_key="", extra_vocab=""))
+        tfds_caption_key="", extra_vocab="", system_prompt="", sample_system_prompt=""))
     c.diffusion = ml_collections.ConfigDict(dict(
-        t_sampling="logit_normal", t_mean=0.0, t_std=1.0, shift=1.0))
+        t_sampling="logit_normal", t_mean=0.0, t_std=1.0, shift=1.0,
+        # Lumina: shift = exp(mu), mu linear in the image token count through (256, 0.5) and
+        # (4096, 1.15), replacing ``shift``; an auxiliary loss on latents average-pooled by
+        # ``multires_pool`` (0 = off), weighted ``multires_weight``.
+        resolution_shift=False, multires_pool=0, multires_weight=1.0))
     # DiT-Air's inference defaults: Heun SDE, 50 steps, CFG 7.5.
     c.sampler = ml_collections.ConfigDict(dict(
         method="heun", sde=True, num_steps=50, cfg_scale=7.5, shift=1.0, sde_strength=1.0,
@@ -177,3 +183,53 @@ def race_config(arg: str | None):
                              f"{sorted(config.moe.keys())}.")
         config[section][k] = v
     return config
+
+
+# Lumina-Image 2.0 Unified Next-DiT (official configs): width, layers, heads, KV heads and
+# M-RoPE channels per axis (text index, row, column); head dim = sum(axes_dims).
+LUMINA_SIZES = {
+    "2B": (2304, 26, 24, 8, (32, 32, 32)),
+    "3B": (2592, 30, 24, 8, (36, 36, 36)),
+    "4B": (2880, 32, 24, 8, (40, 40, 40)),
+    "7B": (3840, 32, 32, 8, (40, 40, 40)),
+}
+GEMMA_2B_WIDTH = 2304  # Gemma-2-2B hidden size, the official text features
+FLUX_LATENT = dict(kind="kl_vae", channels=16, downsample=8)
+
+
+def lumina_config(arg: str | None):
+    """Lumina-Image 2.0 config: size tiny / 2B / 3B / 4B / 7B, ``key=value`` overrides of
+    ``config.model``. Paper sizes use the official 1024-px fine-tune recipe (AdamW 2e-4,
+    betas (0.9, 0.95), clip 2.0, logit-normal t with the resolution shift, the 4x
+    average-pooled auxiliary loss) and its sampler (midpoint, shift 6, CFG 4 with
+    renormalisation 1.0 and truncation 0.25)."""
+    size, overrides = parse_arg(arg)
+    config = base_config()
+    config.model.update(family="lumina", qk_norm=True, sandwich=True, patch_size=2)
+    config.data.update(system_prompt="base", sample_system_prompt="real")
+    config.diffusion.update(resolution_shift=True)
+    config.sampler.update(method="midpoint", sde=False, cfg_scale=4.0, shift=6.0,
+                          cfg_renorm=1.0, cfg_trunc=0.25)
+    if size in LUMINA_SIZES:
+        width, depth, heads, kv_heads, axes = LUMINA_SIZES[size]
+        config.model.update(width=width, depth=depth, num_heads=heads, num_kv_heads=kv_heads,
+                            axes_dims=axes, dtype="bfloat16", remat=True)
+        config.text.update(kind="precomputed", width=GEMMA_2B_WIDTH, max_len=256)
+        config.latent.update(FLUX_LATENT)
+        config.data.image_size = 1024
+        config.diffusion.update(multires_pool=4)
+        config.optim.update(name="adamw", lr=2e-4, b1=0.9, b2=0.95, eps=1e-15,
+                            weight_decay=0.0, clip_norm=2.0, ema_decay=0.9999)
+        config.train.batch_size = 512
+        config.sampler.num_steps = 17  # the official 18-point time grid
+    elif size == "tiny":
+        tiny_setup(config)
+        config.model.update(width=128, depth=4, num_heads=4, num_kv_heads=2,
+                            axes_dims=(8, 12, 12), num_refiner_layers=1, patch_size=4)
+        config.text.max_len = 40  # room for the system prompt before the caption
+        config.sampler.num_steps = 25
+        # Exact captions: train and sample with Template B (high image-text alignment).
+        config.data.update(system_prompt="real", sample_system_prompt="real")
+    else:
+        raise ValueError(f"Unknown size {size!r}; available: tiny, {', '.join(LUMINA_SIZES)}.")
+    return apply_model_overrides(config, overrides)

@@ -6,7 +6,7 @@ from jaxdit import config_lib
 
 VARIANTS = [
     ("dit_air", "tiny"), ("dit_air", "tiny,share=full"), ("dit_air", "tiny,share=attention"),
-    ("pixart", "tiny"), ("mmdit", "tiny"), ("mmdit", "tiny,adaln=shared"),
+    ("pixart", "tiny"), ("mmdit", "tiny"), ("mmdit", "tiny,adaln=shared"), ("lumina", "tiny"),
 ]
 
 
@@ -15,6 +15,10 @@ def tiny_config(family="dit_air", arg="tiny", **train):
         c = config_lib.race_config(arg)
         # Dropless buffers, so 1-device and sharded runs route and compute identically.
         c.moe.update(capacity_factor=0.0, eval_capacity_factor=0.0, expert_impl="grouped")
+    elif family == "lumina":
+        c = config_lib.lumina_config(arg)
+        c.model.update(num_kv_heads=2, axes_dims=(4, 6, 6), num_refiner_layers=1)
+        c.diffusion.multires_pool = 2  # exercise the pooled auxiliary branch too
     else:
         c = config_lib.air_family_config(family, arg)
     c.model.update(depth=2, width=64, num_heads=4, pos_embed_max_size=16)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from jaxdit.data import shapes
+from jaxdit.data import prompts, shapes
 from jaxdit.data.sources import ImageFolderSource, TfdsSource
 from jaxdit.data.tokenizer import WordTokenizer
 
@@ -40,18 +40,24 @@ def make_source(data_cfg, split: str):
 
 
 def make_tokenizer(data_cfg) -> WordTokenizer:
-    """Vocabulary of the shapes grammar plus ``data.extra_vocab`` (space separated words)."""
-    return WordTokenizer(list(shapes.VOCAB) + data_cfg.get("extra_vocab", "").split())
+    """Vocabulary of the shapes grammar, the configured system prompts and
+    ``data.extra_vocab`` (space separated words)."""
+    words = prompts.prompt_words(data_cfg.system_prompt, data_cfg.sample_system_prompt)
+    return WordTokenizer(list(shapes.VOCAB) + words + data_cfg.get("extra_vocab", "").split())
 
 
 class Preprocess(grain.transforms.Map):
-    """Record -> model-ready example (normalised image, token ids and mask, label)."""
+    """Record -> model-ready example (normalised image, token ids and mask, label); the
+    caption gets the ``system_prompt`` template (:mod:`jaxdit.data.prompts`)."""
 
-    def __init__(self, tokenizer: WordTokenizer, max_len: int):
+    def __init__(self, tokenizer: WordTokenizer, max_len: int, system_prompt: str = ""):
         self.tokenizer, self.max_len = tokenizer, max_len
+        self.system_prompt = system_prompt
+        prompts.system_prompt(system_prompt)  # fail early on an unknown name
 
     def map(self, record):
-        ids, mask = self.tokenizer.encode(record["caption"], self.max_len)
+        caption = prompts.apply_template(record["caption"], self.system_prompt)
+        ids, mask = self.tokenizer.encode(caption, self.max_len)
         return {"image": record["image"].astype(np.float32) / 127.5 - 1.0,
                 "text_ids": ids, "text_mask": mask,
                 "label": np.asarray(record["label"], np.int32)}
@@ -71,5 +77,6 @@ def make_dataset(config, split: str, batch_size: int, *, process_index: int = 0,
         ds = ds.shuffle(seed=config.data.seed)
     if repeat:
         ds = ds.repeat(None)
-    ds = ds.map(Preprocess(make_tokenizer(config.data), config.text.max_len))
+    ds = ds.map(Preprocess(make_tokenizer(config.data), config.text.max_len,
+                           config.data.system_prompt))
     return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import math
+
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxdit.kernels import dispatch
@@ -36,8 +39,13 @@ def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None 
 
 
 class QKVProjection(nn.Module):
-    """Projects ``x`` (B, S, d) to per-head q, k, v with optional per-head QK RMSNorm.
+    """Projects ``x`` (B, S, d) to per-head q (B, S, H, D), k, v (B, S, Hkv, D), with optional
+    per-head QK RMSNorm (scale shared across heads).
 
+    ``fused=True`` computes q, k and v with one matmul whose kernel ``(d, Hkv, H/Hkv + 2, D)``
+    is laid out per KV group ``[its H/Hkv query heads | k | v]``: sharding the ``kv_heads``
+    axis over ``tensor`` keeps every query head on the device holding its K/V head, so GQA
+    needs no communication. Query head ``h`` uses KV head ``h // (H/Hkv)``.
     Separate from the attention op so dual-stream models (MMDiT) can project each stream
     with its own weights and attend jointly.
     """
@@ -46,6 +54,8 @@ class QKVProjection(nn.Module):
     num_kv_heads: int | None = None
     qk_norm: bool = True
     use_bias: bool = True
+    fused: bool = False
+    norm_eps: float = 1e-6
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -53,17 +63,42 @@ class QKVProjection(nn.Module):
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=self.use_bias)
         hkv = self.num_kv_heads or self.num_heads
+        if self.num_heads % hkv:
+            raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                             f"num_kv_heads={hkv}.")
         b, s, _ = x.shape
-        q = dense(self.num_heads * self.head_dim, ("embed", "heads"), name="q", **kw)(x)
-        k = dense(hkv * self.head_dim, ("embed", "kv_heads"), name="k", **kw)(x)
-        v = dense(hkv * self.head_dim, ("embed", "kv_heads"), name="v", **kw)(x)
-        q = q.reshape(b, s, self.num_heads, self.head_dim)
-        k = k.reshape(b, s, hkv, self.head_dim)
-        v = v.reshape(b, s, hkv, self.head_dim)
+        if self.fused:
+            rep = self.num_heads // hkv
+            shape = (x.shape[-1], hkv, rep + 2, self.head_dim)
+            kernel = self.param("qkv_kernel", nn.with_logical_partitioning(
+                xavier_fused, ("embed", "kv_heads", None, None)), shape, self.param_dtype)
+            qkv = jnp.einsum("bsd,dgrk->bsgrk", x.astype(self.dtype), kernel.astype(self.dtype))
+            if self.use_bias:
+                qkv = qkv + self.param("qkv_bias", nn.with_logical_partitioning(
+                    nn.initializers.zeros, ("kv_heads", None, None)), shape[1:],
+                    self.param_dtype).astype(self.dtype)
+            q = qkv[:, :, :, :rep].reshape(b, s, self.num_heads, self.head_dim)
+            k, v = qkv[:, :, :, rep], qkv[:, :, :, rep + 1]
+        else:
+            q = dense(self.num_heads * self.head_dim, ("embed", "heads"), name="q", **kw)(x)
+            k = dense(hkv * self.head_dim, ("embed", "kv_heads"), name="k", **kw)(x)
+            v = dense(hkv * self.head_dim, ("embed", "kv_heads"), name="v", **kw)(x)
+            q = q.reshape(b, s, self.num_heads, self.head_dim)
+            k = k.reshape(b, s, hkv, self.head_dim)
+            v = v.reshape(b, s, hkv, self.head_dim)
         if self.qk_norm:
-            q = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="q_norm")(q)
-            k = RMSNorm(dtype=self.dtype, param_dtype=self.param_dtype, name="k_norm")(k)
+            norm = dict(eps=self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+            q = RMSNorm(name="q_norm", **norm)(q)
+            k = RMSNorm(name="k_norm", **norm)(k)
         return q, k, v
+
+
+def xavier_fused(key, shape, dtype=jnp.float32):
+    """Xavier-uniform for a fused ``(d, Hkv, H/Hkv + 2, D)`` kernel, with the fan-out of the
+    equivalent ``(d, (H + 2 Hkv) D)`` matrix (as the official fused ``Linear``)."""
+    fan_in, fan_out = shape[0], math.prod(shape[1:])
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, shape, dtype, -limit, limit)
 
 
 class SelfAttention(nn.Module):
@@ -77,6 +112,8 @@ class SelfAttention(nn.Module):
     num_kv_heads: int | None = None
     qk_norm: bool = True
     use_bias: bool = True
+    fused: bool = False
+    norm_eps: float = 1e-6
     impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -84,7 +121,8 @@ class SelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, key_mask=None, rope=None):
         q, k, v = QKVProjection(self.num_heads, self.head_dim, self.num_kv_heads, self.qk_norm,
-                                self.use_bias, self.dtype, self.param_dtype, name="qkv")(x)
+                                self.use_bias, self.fused, self.norm_eps, self.dtype,
+                                self.param_dtype, name="qkv")(x)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, key_mask, impl=self.impl)

@@ -116,6 +116,28 @@ class Mlp(nn.Module):
         return dense(d, ("mlp", "embed"), name="fc2", **kw)(h)
 
 
+class SwiGLU(nn.Module):
+    """Gated MLP ``w2(silu(w1 x) * w3 x)`` without biases (LLaMA / Lumina FFN).
+
+    ``hidden_dim(d, multiple_of)`` gives Lumina's hidden size (4d rounded up)."""
+    hidden: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @staticmethod
+    def hidden_dim(width: int, multiple_of: int = 256, multiplier: float | None = None) -> int:
+        h = 4 * width if multiplier is None else int(multiplier * 4 * width)
+        return multiple_of * -(-h // multiple_of)
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False)
+        gate = dense(self.hidden, ("embed", "mlp"), name="w1", **kw)(x)
+        up = dense(self.hidden, ("embed", "mlp"), name="w3", **kw)(x)
+        h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
+        return dense(x.shape[-1], ("mlp", "embed"), name="w2", **kw)(h)
+
+
 def timestep_sinusoid(t, dim: int = 256, max_period: float = 10000.0):
     """DiT/GLIDE sinusoidal embedding ``[cos, sin]`` of ``t`` (B,) -> (B, dim), in fp32."""
     half = dim // 2

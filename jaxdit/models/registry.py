@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from jaxdit.kernels.dispatch import check_backend
 from jaxdit.models.dit_air import DiTAir
+from jaxdit.models.lumina import Lumina
 from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
 from jaxdit.models.race_dit import MoESpec, RaceDiT
@@ -18,7 +19,7 @@ from jaxdit.moe import experts, routing, topk
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEXT_KINDS = ("trainable", "precomputed", "none")
-FAMILIES = ("dit_air", "pixart", "mmdit", "race_dit")
+FAMILIES = ("dit_air", "pixart", "mmdit", "race_dit", "lumina")
 # Collections a forward pass may write that are per-step outputs, not model state.
 TRANSIENT_COLLECTIONS = ("aux_loss", "deep_pred", "moe_metrics", "intermediates")
 
@@ -73,6 +74,12 @@ def build_denoiser(model_cfg, out_channels: int, moe_cfg=None) -> nn.Module:
         return PixArtAlpha(**common)
     if m.family == "mmdit":
         return MMDiT(adaln=m.adaln, pos_embed_max_size=m.pos_embed_max_size, **common)
+    if m.family == "lumina":
+        model = Lumina(num_kv_heads=m.num_kv_heads, axes_dims=tuple(m.axes_dims),
+                       num_refiner_layers=m.num_refiner_layers,
+                       ffn_multiple_of=m.ffn_multiple_of, **common)
+        model.check()
+        return model
     raise ValueError(f"Unknown model.family {m.family!r}; available: {FAMILIES}.")
 
 

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdit.data import prompts, shapes
 from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
-from jaxdit.data import shapes
 from jaxdit.models.registry import build_model, persistent_variables
 from jaxdit.models.vae import make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_divisor, batch_sharding, make_mesh
@@ -187,7 +187,8 @@ def sample_condition(exp: Experiment, captions=None, labels=None):
                                                           for i in range(n)]
         return label_names(cfg, labels), {"label": np.asarray(labels, np.int32)}
     captions = captions or validation_captions(cfg, n)
-    return captions, encode_captions(exp.tokenizer, captions, cfg.text.max_len)
+    prompted = [prompts.apply_template(c, cfg.data.sample_system_prompt) for c in captions]
+    return captions, encode_captions(exp.tokenizer, prompted, cfg.text.max_len)
 
 
 def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None,

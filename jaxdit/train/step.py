@@ -22,7 +22,8 @@ MUTABLE = ("moe_state",) + TRANSIENT_COLLECTIONS
 
 def condition_from_batch(batch):
     """Model condition entries of a batch (token ids or precomputed text features)."""
-    keys = ("text_ids", "text_mask", "text_tokens", "text_pooled", "label")
+    keys = ("text_ids", "text_mask", "text_tokens", "text_pooled", "label", "patch_pos",
+            "patch_mask")
     return {k: batch[k] for k in keys if k in batch}
 
 
@@ -34,26 +35,56 @@ def deep_supervision_loss(preds, target, patch_size: int):
     return sum(errs) / len(errs)
 
 
+def train_shift(cfg, x0) -> float:
+    """Time shift for latents ``x0``: ``diffusion.shift``, or Lumina's resolution-dependent
+    shift from the image token count when ``diffusion.resolution_shift``."""
+    if not cfg.diffusion.get("resolution_shift", False):
+        return cfg.diffusion.shift
+    p = cfg.model.patch_size
+    tokens = x0.shape[1] if x0.ndim == 3 else (x0.shape[1] // p) * (x0.shape[2] // p)
+    return flow.resolution_shift(tokens)
+
+
+def diffusion_branch(model, variables, x0, cond, rng, cfg, shift: float):
+    """One flow-matching forward: draws ``t`` and noise, returns ``(per-sample loss (B,),
+    t, noise, mutated collections)``."""
+    k_t, k_noise = jax.random.split(rng)
+    t = flow.sample_t(k_t, x0.shape[0], kind=cfg.diffusion.t_sampling,
+                      mean=cfg.diffusion.t_mean, std=cfg.diffusion.t_std, shift=shift)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    pred, out = model.apply(variables, flow.interpolate(x0, noise, t), t, cond, mutable=MUTABLE)
+    return flow.per_sample_loss(pred, x0, noise, cond.get("patch_mask")), t, noise, out
+
+
 def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
     """Flow-matching loss over ``batch`` plus the model's regularisers.
 
     Returns ``(loss, (metrics, new_model_state))``; ``new_model_state`` holds the updated
-    running statistics (e.g. MoE thresholds).
+    running statistics (e.g. MoE thresholds). With ``diffusion.multires_pool`` a second
+    branch (own t and noise, same captions, same shift, as Lumina's fine-tuning) adds the
+    loss on average-pooled latents; its MoE regularisers are not added.
     """
     x0 = autoencoder.encode(batch["image"])
     b = x0.shape[0]
-    k_t, k_noise, k_drop = jax.random.split(rng, 3)
-    t = flow.sample_t(k_t, b, kind=cfg.diffusion.t_sampling, mean=cfg.diffusion.t_mean,
-                      std=cfg.diffusion.t_std, shift=cfg.diffusion.shift)
-    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    k_main, k_low, k_drop = jax.random.split(rng, 3)
     cond = condition_from_batch(batch)
     if cfg.data.caption_dropout > 0:
         keep = jax.random.uniform(k_drop, (b,)) >= cfg.data.caption_dropout
         cond = {**cond, **drop_condition(cond, keep)}
     variables = {"params": params, **model_state}
-    pred, out = model.apply(variables, flow.interpolate(x0, noise, t), t, cond, mutable=MUTABLE)
-    loss = flow.per_sample_loss(pred, x0, noise).mean()
+    shift = train_shift(cfg, x0)
+    per_sample, t, noise, out = diffusion_branch(model, variables, x0, cond, k_main, cfg, shift)
+    loss = per_sample.mean()
     metrics = {"t_mean": t.mean(), "diffusion_loss": loss}
+    pool = cfg.diffusion.get("multires_pool", 0)
+    if pool:
+        if x0.ndim != 4:
+            raise ValueError("diffusion.multires_pool needs (B, H, W, C) latents, not packed "
+                             "patches.")
+        low, *_ = diffusion_branch(model, variables, flow.avg_pool(x0, pool), cond, k_low, cfg,
+                                   shift)
+        metrics["multires_loss"] = low.mean()
+        loss = loss + cfg.diffusion.multires_weight * low.mean()
     if out.get("deep_pred"):
         plr = deep_supervision_loss(out["deep_pred"], flow.target(x0, noise),
                                     cfg.model.patch_size)

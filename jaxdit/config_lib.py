@@ -60,7 +60,10 @@ def base_config() -> ml_collections.ConfigDict:
         source="shapes", image_size=32, num_train=50_000, num_val=512, max_objects=3, seed=0,
         caption_dropout=0.1, folder="", val_folder="", tfds_name="", tfds_data_dir="",
         tfds_train_split="train", tfds_val_split="test", tfds_label_key="label",
-        tfds_caption_key="", extra_vocab="", system_prompt="", sample_system_prompt=""))
+        tfds_caption_key="", extra_vocab="", system_prompt="", sample_system_prompt="",
+        # Variable resolution (Lumina): images go to the nearest aspect-ratio bucket with at
+        # most (image_size / patch)^2 patches and are packed as padded patch sequences.
+        aspect_buckets=False, bucket_max_ratio=2.0, bucket_filter=""))
     c.diffusion = ml_collections.ConfigDict(dict(
         t_sampling="logit_normal", t_mean=0.0, t_std=1.0, shift=1.0,
         # Lumina: shift = exp(mu), mu linear in the image token count through (256, 0.5) and
@@ -216,7 +219,7 @@ def lumina_config(arg: str | None):
                             axes_dims=axes, dtype="bfloat16", remat=True)
         config.text.update(kind="precomputed", width=GEMMA_2B_WIDTH, max_len=256)
         config.latent.update(FLUX_LATENT)
-        config.data.image_size = 1024
+        config.data.update(image_size=1024, bucket_max_ratio=4.0, bucket_filter="official")
         config.diffusion.update(multires_pool=4)
         config.optim.update(name="adamw", lr=2e-4, b1=0.9, b2=0.95, eps=1e-15,
                             weight_decay=0.0, clip_norm=2.0, ema_decay=0.9999)

@@ -210,3 +210,44 @@ def test_system_prompts_in_the_pipeline():
     assert "<unk>" not in text
     with pytest.raises(ValueError, match="Unknown system prompt"):
         prompts.system_prompt("fancy")
+
+
+def test_dense_dit_matches_diffusers_dit_after_conversion():
+    """The spine's class-conditional DiT (Race-DiT's dense baseline) against diffusers'
+    DiTTransformer2DModel. diffusers' DiT port shifts its timestep frequencies
+    (``downscale_freq_shift=1``) unlike the original DiT, which jaxdit follows; the test sets
+    the original's 0 on the diffusers side."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from jaxdit.models.race_dit import RaceDiT
+    torch.manual_seed(0)
+    ref = diffusers.DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10,
+        norm_eps=1e-6).eval()
+    with torch.no_grad():
+        for _, p in ref.named_parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+        emb0 = ref.transformer_blocks[0].norm1.emb
+        for block in ref.transformer_blocks:  # one shared embedder, as the original DiT
+            block.norm1.emb.load_state_dict(emb0.state_dict())
+            block.norm1.emb.time_proj.downscale_freq_shift = 0
+    model = RaceDiT(depth=2, width=32, num_heads=2, num_classes=10, patch_size=2,
+                    out_channels=4, qk_norm=False, sandwich=False)
+    x0 = jnp.zeros((1, 8, 8, 4))
+    expected = strip_boxes(jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), x0, jnp.zeros(1), {"label": jnp.zeros(1, jnp.int32)}))["params"])
+    params = convert.dit_from_diffusers({k: v.numpy() for k, v in ref.state_dict().items()},
+                                        expected, patch_size=2, channels=4)
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 4, 8, 8)).astype(np.float32)
+    t = np.array([0.1, 0.5, 0.9], np.float32)
+    labels = np.array([3, 7, 10])  # 10 = the null class
+    with torch.no_grad():
+        want = ref(torch.from_numpy(x), timestep=torch.from_numpy(1000 * t),
+                   class_labels=torch.from_numpy(labels), return_dict=False)[0].numpy()[:, :4]
+    got = jax.jit(model.apply)({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                               jnp.asarray(t), {"label": jnp.asarray(np.where(labels == 10, -1,
+                                                                              labels))})
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, rtol=1e-4,
+                               atol=1e-4)

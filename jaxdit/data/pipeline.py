@@ -1,7 +1,9 @@
 """Grain input pipelines: source -> per-host slice -> shuffle -> repeat -> preprocess -> batch.
 
 Batches are dicts of numpy arrays: ``image`` float32 (B, S, S, 3) in [-1, 1], ``text_ids``
-int32 (B, L), ``text_mask`` bool (B, L), ``label`` int32 (B,). The iterator is a Grain
+int32 (B, L), ``text_mask`` bool (B, L), ``label`` int32 (B,). With ``data.aspect_buckets``
+(pixel space only) ``image`` is instead packed patches (B, N, p*p*3) with ``patch_pos``
+(B, N, 2) and ``patch_mask`` (B, N), see :mod:`jaxdit.data.buckets`. The iterator is a Grain
 ``DatasetIterator`` whose state is saved in every checkpoint, so resuming continues with
 exactly the batch the interrupted run would have seen next.
 """
@@ -10,32 +12,43 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from jaxdit.data import prompts, shapes
+from jaxdit.data import buckets, prompts, shapes
 from jaxdit.data.sources import ImageFolderSource, TfdsSource
 from jaxdit.data.tokenizer import WordTokenizer
 
 SOURCES = ("shapes", "folder", "tfds")
 
 
-def make_source(data_cfg, split: str):
-    """Random-access source for ``split`` in {"train", "val"}."""
+def bucket_sizes(config):
+    """Aspect-ratio buckets ``[(h, w), ...]`` in pixels holding at most as many patches as a
+    square ``data.image_size`` image, or None when ``data.aspect_buckets`` is off."""
+    d = config.data
+    if not d.aspect_buckets:
+        return None
+    patch_px = config.model.patch_size * config.latent.downsample
+    side = d.image_size // patch_px
+    return buckets.crop_size_list(side * side, patch_px, d.bucket_max_ratio, d.bucket_filter)
+
+
+def make_source(data_cfg, split: str, sizes=None):
+    """Random-access source for ``split`` in {"train", "val"}; ``sizes``: aspect buckets."""
     kind = data_cfg.source
     if kind == "shapes":
         n = data_cfg.num_train if split == "train" else data_cfg.num_val
         seed = data_cfg.seed + (0 if split == "train" else 1_000_003)  # held-out stream
-        return shapes.ShapesSource(n, data_cfg.image_size, seed, data_cfg.max_objects)
+        return shapes.ShapesSource(n, data_cfg.image_size, seed, data_cfg.max_objects, sizes)
     if kind == "folder":
         root = data_cfg.folder if split == "train" else (data_cfg.val_folder or data_cfg.folder)
         if not root:
             raise ValueError("data.source='folder' needs data.folder=<directory of images>.")
-        return ImageFolderSource(root, data_cfg.image_size)
+        return ImageFolderSource(root, data_cfg.image_size, sizes)
     if kind == "tfds":
         if not data_cfg.tfds_name:
             raise ValueError("data.source='tfds' needs data.tfds_name.")
         tfds_split = data_cfg.tfds_train_split if split == "train" else data_cfg.tfds_val_split
         return TfdsSource(data_cfg.tfds_name, tfds_split, data_cfg.image_size,
                           data_cfg.tfds_data_dir or None, label_key=data_cfg.tfds_label_key or None,
-                          caption_key=data_cfg.tfds_caption_key or None)
+                          caption_key=data_cfg.tfds_caption_key or None, buckets=sizes)
     raise ValueError(f"Unknown data.source {kind!r}; available: {SOURCES}.")
 
 
@@ -66,7 +79,8 @@ class Preprocess(grain.transforms.Map):
 def make_dataset(config, split: str, batch_size: int, *, process_index: int = 0,
                  process_count: int = 1, repeat: bool = True) -> grain.IterDataset:
     """Per-host batched dataset (``batch_size`` is the per-host batch)."""
-    src = make_source(config.data, split)
+    sizes = bucket_sizes(config)
+    src = make_source(config.data, split, sizes)
     ds = grain.MapDataset.source(src)
     if process_count > 1:
         ds = ds[process_index::process_count]
@@ -79,4 +93,7 @@ def make_dataset(config, split: str, batch_size: int, *, process_index: int = 0,
         ds = ds.repeat(None)
     ds = ds.map(Preprocess(make_tokenizer(config.data), config.text.max_len,
                            config.data.system_prompt))
+    if sizes:
+        side = config.data.image_size // config.model.patch_size
+        ds = ds.map(buckets.PackPatches(config.model.patch_size, side * side))
     return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)

@@ -33,8 +33,9 @@ def class_name(label: int) -> str:
     return f"a {COLOR_NAMES[color]} {SHAPES[shape]}"
 
 
-def _shape_mask(kind: int, size: int, cx: float, cy: float, r: float) -> np.ndarray:
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+def _shape_mask(kind: int, height: int, width: int, cx: float, cy: float,
+                r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
     if SHAPES[kind] == "circle":
         return (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
     if SHAPES[kind] == "square":
@@ -59,43 +60,53 @@ def _regions(n: int, relation: int, rng) -> list[tuple[float, float, float, floa
 
 
 class ShapesSource:
-    """Grain ``RandomAccessDataSource`` of procedural shape images (deterministic by index)."""
+    """Grain ``RandomAccessDataSource`` of procedural shape images (deterministic by index).
+
+    ``sizes``: optional list of ``(height, width)``; each record is then drawn at one of them
+    (chosen by index), for aspect-ratio bucketed training. Default: square ``image_size``.
+    """
 
     def __init__(self, num_records: int = 50_000, image_size: int = 32, seed: int = 0,
-                 max_objects: int = 3):
+                 max_objects: int = 3, sizes=None):
         if not 1 <= max_objects <= 3:
             raise ValueError(f"max_objects must be 1, 2 or 3, got {max_objects}.")
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}.")
         self.num_records, self.image_size = int(num_records), int(image_size)
         self.seed, self.max_objects = int(seed), int(max_objects)
+        self.sizes = [tuple(int(v) for v in hw) for hw in sizes] if sizes else None
+        if self.sizes and min(min(hw) for hw in self.sizes) < 16:
+            raise ValueError(f"Every size must be >= 16 pixels, got {self.sizes}.")
 
     def __len__(self) -> int:
         return self.num_records
 
     def __repr__(self) -> str:  # Grain checks the source repr when restoring iterator state.
         return (f"ShapesSource(num_records={self.num_records}, image_size={self.image_size}, "
-                f"seed={self.seed}, max_objects={self.max_objects})")
+                f"seed={self.seed}, max_objects={self.max_objects}, sizes={self.sizes})")
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.num_records:
             raise IndexError(index)
         rng = np.random.default_rng([self.seed, int(index)])
-        s = self.image_size
+        h = w = self.image_size
+        if self.sizes:  # own stream, so square records are the same with or without sizes
+            pick = np.random.default_rng([self.seed, int(index), 1]).integers(len(self.sizes))
+            h, w = self.sizes[pick]
         n = int(rng.integers(1, self.max_objects + 1))
         relation = int(rng.integers(len(RELATIONS)))
         shapes = rng.integers(len(SHAPES), size=n)
         colors = rng.choice(len(COLORS), size=n, replace=False)
         bg = rng.integers(10, 45, size=3)
-        img = np.broadcast_to(bg, (s, s, 3)).astype(np.float32).copy()
+        img = np.broadcast_to(bg, (h, w, 3)).astype(np.float32).copy()
         xs, ys = np.zeros(3, np.float32), np.zeros(3, np.float32)
         for i, (x0, y0, x1, y1) in enumerate(_regions(n, relation, rng)):
-            r = rng.uniform(0.13, 0.2) * s * (1.0 if n == 1 else 0.85)
-            r = min(r, 0.45 * s * min(x1 - x0, y1 - y0))
-            cx = rng.uniform(x0 * s + r, x1 * s - r)
-            cy = rng.uniform(y0 * s + r, y1 * s - r)
-            img[_shape_mask(int(shapes[i]), s, cx, cy, r)] = COLORS[COLOR_NAMES[colors[i]]]
-            xs[i], ys[i] = cx / s, cy / s
+            r = rng.uniform(0.13, 0.2) * min(h, w) * (1.0 if n == 1 else 0.85)
+            r = min(r, 0.45 * min(w * (x1 - x0), h * (y1 - y0)))
+            cx = rng.uniform(x0 * w + r, x1 * w - r)
+            cy = rng.uniform(y0 * h + r, y1 * h - r)
+            img[_shape_mask(int(shapes[i]), h, w, cx, cy, r)] = COLORS[COLOR_NAMES[colors[i]]]
+            xs[i], ys[i] = cx / w, cy / h
         img += rng.normal(0, 3.0, size=img.shape)
         pad = lambda a: np.concatenate([a, -np.ones(3 - n, np.int32)]).astype(np.int32)
         return {

@@ -1,6 +1,7 @@
 """Random-access data sources besides the procedural shapes: image folders and TFDS.
 
-Each yields records ``{"image": uint8 (S, S, 3), "caption": str, "label": int32}``.
+Each yields records ``{"image": uint8 (S, S, 3), "caption": str, "label": int32}``, or with
+``buckets`` the image resized and cropped to the aspect-ratio bucket nearest its own.
 """
 from __future__ import annotations
 
@@ -10,16 +11,23 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from jaxdit.data.buckets import nearest_bucket, resize_to_bucket
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
-def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
-    """uint8 HxW[xC] -> uint8 (size, size, 3): centre square crop then bicubic resize."""
+def to_rgb(img: np.ndarray) -> np.ndarray:
+    """uint8 HxW, HxWx1, HxWx3 or HxWx4 -> uint8 HxWx3."""
     if img.ndim == 2:
         img = img[..., None]
     if img.shape[-1] == 1:
         img = np.repeat(img, 3, axis=-1)
-    img = img[..., :3]
+    return np.ascontiguousarray(img[..., :3]).astype(np.uint8)
+
+
+def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxW[xC] -> uint8 (size, size, 3): centre square crop then bicubic resize."""
+    img = to_rgb(img)
     h, w = img.shape[:2]
     s = min(h, w)
     top, left = (h - s) // 2, (w - s) // 2
@@ -29,6 +37,14 @@ def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
+def fit_image(img: np.ndarray, size: int, buckets=None) -> np.ndarray:
+    """Square ``size`` crop, or the nearest aspect-ratio bucket when ``buckets`` is given."""
+    if not buckets:
+        return center_crop_resize(img, size)
+    img = to_rgb(img)
+    return resize_to_bucket(img, nearest_bucket(img.shape[0], img.shape[1], buckets))
+
+
 class ImageFolderSource:
     """Images under ``root`` (recursively) with captions in same-stem ``.txt`` files.
 
@@ -36,8 +52,9 @@ class ImageFolderSource:
     directly in ``root`` - so ``root/<class>/<img>`` works for class-conditional training.
     """
 
-    def __init__(self, root: str, image_size: int):
+    def __init__(self, root: str, image_size: int, buckets=None):
         self.root, self.image_size = str(root), int(image_size)
+        self.buckets = buckets
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"Image folder {self.root!r} does not exist.")
         files = sorted(p for p in Path(self.root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -62,7 +79,7 @@ class ImageFolderSource:
         caption = txt.read_text().strip() if txt.exists() else ""
         parts = path.relative_to(self.root).parts
         label = self.class_index.get(parts[0], 0) if len(parts) > 1 else 0
-        return {"image": center_crop_resize(img, self.image_size), "caption": caption,
+        return {"image": fit_image(img, self.image_size, self.buckets), "caption": caption,
                 "label": np.int32(label)}
 
 
@@ -75,9 +92,10 @@ class TfdsSource:
 
     def __init__(self, name: str, split: str, image_size: int, data_dir: str | None = None,
                  image_key: str = "image", label_key: str | None = "label",
-                 caption_key: str | None = None):
+                 caption_key: str | None = None, buckets=None):
         import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
         self.name, self.split, self.image_size = name, split, int(image_size)
+        self.buckets = buckets
         self.image_key, self.label_key, self.caption_key = image_key, label_key, caption_key
         self.source = tfds.data_source(name, split=split, data_dir=data_dir)
         self.label_names = None
@@ -102,5 +120,5 @@ class TfdsSource:
             caption = str(self.label_names[label]).replace("_", " ")
         else:
             caption = ""
-        return {"image": center_crop_resize(np.asarray(ex[self.image_key]), self.image_size),
+        return {"image": fit_image(np.asarray(ex[self.image_key]), self.image_size, self.buckets),
                 "caption": caption, "label": np.int32(label)}

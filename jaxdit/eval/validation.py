@@ -24,7 +24,7 @@ def make_val_loss_fn(model, autoencoder, t_grid):
             noise = jax.random.normal(jax.random.fold_in(rng, i), x0.shape, x0.dtype)
             tb = jnp.full((x0.shape[0],), t)
             pred = model.apply(variables, flow.interpolate(x0, noise, tb), tb, cond)
-            return flow.per_sample_loss(pred, x0, noise).mean()
+            return flow.per_sample_loss(pred, x0, noise, cond.get("patch_mask")).mean()
 
         return jax.lax.map(at_t, (jnp.arange(grid.shape[0]), grid))
 

@@ -1,4 +1,5 @@
-"""Converters from PyTorch state dicts to jaxdit parameter trees.
+"""Converters from PyTorch state dicts to jaxdit parameter trees (Lumina-Image 2.0 and
+DiT, from their diffusers layouts).
 
 ``lumina_from_diffusers``: a ``diffusers`` ``Lumina2Transformer2DModel`` state dict (the
 layout of ``Alpha-VLLM/Lumina-Image-2.0`` on the Hugging Face hub, ``transformer/``) to the
@@ -97,7 +98,6 @@ def lumina_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *,
     Returns:
       A params tree with the structure of ``expected`` (numpy arrays).
     """
-    flat_expected = {"/".join(k): v for k, v in flatten_dict(expected).items()}
     out, blocks = {}, {}
     for name, value in state_dict.items():
         value = np.asarray(value, np.float32)
@@ -115,9 +115,14 @@ def lumina_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *,
         group, index = prefix.split(".")
         path = f"{BLOCK_GROUPS[group]}_{index}/attn/qkv/qkv_kernel"
         out[path] = fuse_qkv(*(parts[n] for n in QKV), num_heads, num_kv_heads)
-    if "norm_final" in flat_expected and "norm_final" not in out:
-        out["norm_final"] = np.ones(flat_expected["norm_final"].shape, np.float32)
+    if "norm_final" in expected and "norm_final" not in out:
+        out["norm_final"] = np.ones(expected["norm_final"].shape, np.float32)
+    return _check_and_unflatten(out, expected)
 
+
+def _check_and_unflatten(out: dict, expected):
+    """``out`` ("a/b/c" -> array) against the ``expected`` tree; every problem at once."""
+    flat_expected = {"/".join(k): v for k, v in flatten_dict(expected).items()}
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in flat_expected.items() if k not in out]
     problems += [f"unexpected {k}" for k in out if k not in flat_expected]
     problems += [f"{k}: shape {out[k].shape} != expected {tuple(flat_expected[k].shape)}"
@@ -141,3 +146,60 @@ def lumina_config_from_diffusers(dcfg: Mapping) -> dict:
                 ffn_multiple_of=dcfg["multiple_of"], latent_channels=dcfg["in_channels"],
                 text_width=dcfg["cap_feat_dim"])
 
+
+
+# ------------------------------------------------------------------------------------------
+# DiT (diffusers DiTTransformer2DModel) -> jaxdit RaceDiT with dense MLPs.
+# ------------------------------------------------------------------------------------------
+
+DIT_BLOCK_NAMES = {
+    "norm1.linear": "adaln/proj",
+    "attn1.to_q": "attn/qkv/q", "attn1.to_k": "attn/qkv/k", "attn1.to_v": "attn/qkv/v",
+    "attn1.to_out.0": "attn/out/proj",
+    "ff.net.0.proj": "mlp/fc1", "ff.net.2": "mlp/fc2",
+}
+DIT_EMBEDDER = {
+    "norm1.emb.timestep_embedder.linear_1": "cond_embed/t_embed/fc1",
+    "norm1.emb.timestep_embedder.linear_2": "cond_embed/t_embed/fc2",
+}
+
+
+def _linear(out: dict, path: str, sd: Mapping, name: str):
+    out[f"{path}/kernel"] = np.asarray(sd[f"{name}.weight"], np.float32).T
+    out[f"{path}/bias"] = np.asarray(sd[f"{name}.bias"], np.float32)
+
+
+def dit_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, patch_size: int,
+                       channels: int):
+    """Converts a diffusers ``DiTTransformer2DModel`` state dict to the params of
+    :class:`jaxdit.models.race_dit.RaceDiT` without experts.
+
+    diffusers stores a copy of the timestep/label embedder in every block; jaxdit has one,
+    so the copies must be equal (they are in converted DiT checkpoints). A learned-sigma
+    output (``out_channels = 2 * channels``) keeps only the mean channels.
+    """
+    sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+    p, out = patch_size, {}
+    w = sd["pos_embed.proj.weight"]  # conv (d, C, p, p) -> patch features ordered (ph, pw, c)
+    out["patch_embed/proj/kernel"] = w.transpose(2, 3, 1, 0).reshape(p * p * channels, -1)
+    out["patch_embed/proj/bias"] = sd["pos_embed.proj.bias"]
+    blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
+    for i in blocks:
+        pre = f"transformer_blocks.{i}"
+        for name, path in DIT_BLOCK_NAMES.items():
+            _linear(out, f"block_{i}/{path}", sd, f"{pre}.{name}")
+        for name in [k for k in sd if k.startswith(f"{pre}.norm1.emb.")]:
+            if not np.array_equal(sd[name], sd[name.replace(pre, "transformer_blocks.0", 1)]):
+                raise ConversionError(f"{name} differs from block 0: jaxdit shares one "
+                                      "timestep/label embedder across blocks.")
+    pre = "transformer_blocks.0"
+    for name, path in DIT_EMBEDDER.items():
+        _linear(out, path, sd, f"{pre}.{name}")
+    out["cond_embed/label_embed/embedding"] = sd[f"{pre}.norm1.emb.class_embedder.embedding_table.weight"]
+    _linear(out, "final/adaln/proj", sd, "proj_out_1")
+    w2, b2 = sd["proj_out_2.weight"], sd["proj_out_2.bias"]
+    out_ch = w2.shape[0] // (p * p)
+    w2 = w2.reshape(p, p, out_ch, -1)[:, :, :channels].reshape(p * p * channels, -1)
+    b2 = b2.reshape(p, p, out_ch)[:, :, :channels].reshape(-1)
+    out["final/proj/kernel"], out["final/proj/bias"] = w2.T, b2
+    return _check_and_unflatten(out, expected)

@@ -290,10 +290,12 @@ def grid_positions(h: int, w: int):
 
 
 def sincos_2d(h: int, w: int, dim: int):
-    """Fixed MAE/DiT 2D sin-cos position embedding ``(h*w, dim)`` (no parameters)."""
+    """Fixed MAE/DiT 2D sin-cos position embedding ``(h*w, dim)`` (no parameters):
+    ``[sin(col w), cos(col w), sin(row w), cos(row w)]`` per row-major token, the column
+    half first as in MAE/DiT (so DiT checkpoints convert unchanged)."""
     pos = grid_positions(h, w).astype(jnp.float32)
     quarter = dim // 4
     omega = 1.0 / 10000 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
-    out = [f(pos[:, i:i + 1] * omega) for i in (0, 1) for f in (jnp.sin, jnp.cos)]
+    out = [f(pos[:, i:i + 1] * omega) for i in (1, 0) for f in (jnp.sin, jnp.cos)]
     emb = jnp.concatenate(out, axis=-1)
     return jnp.pad(emb, ((0, 0), (0, dim - emb.shape[-1])))

@@ -101,7 +101,8 @@ class DiffusionModel(nn.Module):
             raise ValueError("Batch has text_ids but the model has no trainable text encoder "
                              "(text.kind='precomputed' expects text_tokens/text_pooled).")
         tokens, pooled = self.text_encoder(cond["text_ids"], cond["text_mask"])
-        return {"text_tokens": tokens, "text_mask": cond["text_mask"], "text_pooled": pooled}
+        rest = {k: v for k, v in cond.items() if k != "text_ids"}  # e.g. packed patch ids
+        return {**rest, "text_tokens": tokens, "text_pooled": pooled}
 
     def __call__(self, x, t, cond):
         if self.class_conditional:

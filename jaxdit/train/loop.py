@@ -57,6 +57,16 @@ def validate_config(config, mesh) -> None:
         raise ConfigError(f"data.image_size={config.data.image_size} must be a multiple of "
                           f"model.patch_size * latent.downsample = "
                           f"{config.model.patch_size * config.latent.downsample}.")
+    if config.data.aspect_buckets:
+        if config.model.family != "lumina":
+            raise ConfigError("data.aspect_buckets packs patches, which only model.family="
+                              f"'lumina' accepts (got {config.model.family!r}).")
+        if config.latent.kind != "identity":
+            raise ConfigError("data.aspect_buckets packs pixel patches; with a latent "
+                              "autoencoder train on precomputed, packed latents instead.")
+        if config.diffusion.multires_pool:
+            raise ConfigError("diffusion.multires_pool needs whole images; turn it off with "
+                              "data.aspect_buckets.")
     if not 0.0 <= config.data.caption_dropout < 1.0:
         raise ConfigError(f"data.caption_dropout must be in [0, 1), got "
                           f"{config.data.caption_dropout}.")

@@ -81,7 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, steps=1000, log_every=50, eval_every=500, sample_every=0,
-        ckpt_every=500, keep_checkpoints=3, async_checkpointing=True, val_batches=4))
+        ckpt_every=500, keep_checkpoints=3, async_checkpointing=True, val_batches=4,
+        # Params-only checkpoint (e.g. converted diffusers weights, tools/convert_diffusers.py)
+        # to start a fresh run from; ignored when the workdir already has a checkpoint.
+        init_params_from=""))
     c.eval = ml_collections.ConfigDict(dict(
         t_grid=(0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)))
     return c

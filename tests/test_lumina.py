@@ -251,3 +251,39 @@ def test_dense_dit_matches_diffusers_dit_after_conversion():
                                                                               labels))})
     np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, rtol=1e-4,
                                atol=1e-4)
+
+
+def test_convert_tool_writes_params_a_run_starts_from(tmp_path):
+    """diffusers folder (config.json + safetensors) -> tools/convert_diffusers.py -> params
+    checkpoint -> ``train.init_params_from`` loads it into the denoiser (params and EMA)."""
+    import importlib.util
+    from jaxdit.train.loop import Experiment, init_params
+    from tests.helpers import tiny_config
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.Lumina2Transformer2DModel(
+        sample_size=4, patch_size=4, in_channels=3, hidden_size=64, num_layers=2,
+        num_refiner_layers=1, num_attention_heads=4, num_kv_heads=2, multiple_of=256,
+        axes_dim_rope=(4, 6, 6), cap_feat_dim=32)
+    with torch.no_grad():
+        for _, p in ref.named_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path / "transformer")
+    spec = importlib.util.spec_from_file_location("convert_tool", "tools/convert_diffusers.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = str(tmp_path / "params")
+    tool.main(["--family", "lumina", "--model_dir", str(tmp_path / "transformer"), "--out", out])
+    want, fields = convert.convert_diffusers_dir(str(tmp_path / "transformer"), "lumina")
+    assert fields["width"] == 64 and fields["text_width"] == 32
+
+    cfg = tiny_config("lumina")
+    cfg.train.init_params_from = out
+    exp = Experiment(cfg, jax.devices()[:1])
+    with exp.context():
+        state = init_params(exp.create_state(), exp, out)
+    for tree in (state.params["denoiser"], state.ema_params["denoiser"]):
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree), want)
+    with pytest.raises(convert.ConversionError, match="no config.json"):
+        convert.convert_diffusers_dir(str(tmp_path), "lumina")

@@ -50,9 +50,13 @@ def _grads(family, arg, mesh_name):
         return float(loss), jax.device_get(grads), sharded
 
 
-# Race-DiT also runs with experts sharded over "expert" (expert parallelism).
+# Every family's base config runs on two 8-device meshes (pure data parallel, and data x
+# fsdp x tensor); Race-DiT also with experts sharded over "expert" (expert parallelism).
+# Variants that change only which weights are shared run the data x fsdp x tensor mesh.
 MESHES_FOR = {"tiny-4in16": ("data8", "dp2_fsdp2_tp2", "dp2_fsdp2_ep2", "dp2_ep4"),
-              "tiny-2in8,routing=bl_choice": ("dp2_fsdp2_ep2",)}
+              "tiny-2in8,routing=bl_choice": ("dp2_fsdp2_ep2",),
+              "tiny,share=full": ("dp2_fsdp2_tp2",), "tiny,share=attention": ("dp2_fsdp2_tp2",),
+              "tiny,adaln=shared": ("dp2_fsdp2_tp2",), "tiny-dense": ("dp2_fsdp2_tp2",)}
 MOE_VARIANTS = [("race_dit", "tiny-4in16"), ("race_dit", "tiny-2in8,routing=bl_choice"),
                 ("race_dit", "tiny-dense")]
 

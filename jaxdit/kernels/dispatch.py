@@ -3,7 +3,10 @@
 * ``xla``: :func:`jaxdit.kernels.reference.xla_attention`, every platform.
 * ``cudnn``: cuDNN fused attention through ``jax.nn.dot_product_attention`` (NVIDIA GPUs,
   bf16/fp16, head dim a multiple of 8 up to 128).
-* ``auto``: cuDNN where it supports the call, else XLA.
+* ``pallas``: jaxdit's flash-attention kernels (:mod:`jaxdit.kernels.flash_attention`):
+  Triton on GPU, Mosaic on TPU, interpret mode on CPU (slow; for tests).
+* ``auto``: cuDNN where it supports the call, else XLA. The Pallas kernel joins ``auto``
+  once measured faster than these on a platform (``tools/bench_attention.py``).
 
 An explicitly requested backend that cannot run the call raises ``ValueError`` saying why;
 only ``auto`` falls back.
@@ -13,9 +16,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdit.kernels import flash_attention as pallas_flash
 from jaxdit.kernels.reference import xla_attention
 
-BACKENDS = ("xla", "cudnn", "auto")
+BACKENDS = ("xla", "cudnn", "pallas", "auto")
 
 
 def cudnn_unsupported_reason(q, k) -> str | None:
@@ -44,6 +48,11 @@ def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None 
         impl = "xla" if cudnn_unsupported_reason(q, k) else "cudnn"
     if impl == "xla":
         return xla_attention(q, k, v, key_mask, scale)
+    if impl == "pallas":
+        reason = pallas_flash.unsupported_reason(q, k, v)
+        if reason:
+            raise ValueError(f"attn_impl='pallas' cannot run this call: {reason}.")
+        return pallas_flash.flash_attention(q, k, v, key_mask, scale=scale)
     reason = cudnn_unsupported_reason(q, k)
     if reason:
         raise ValueError(f"attn_impl='cudnn' cannot run this call: {reason}. "

@@ -203,3 +203,81 @@ def dit_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, patch_
     b2 = b2.reshape(p, p, out_ch)[:, :, :channels].reshape(-1)
     out["final/proj/kernel"], out["final/proj/bias"] = w2.T, b2
     return _check_and_unflatten(out, expected)
+
+
+# ------------------------------------------------------------------------------------------
+# Whole diffusers model folders (config.json + *.safetensors).
+# ------------------------------------------------------------------------------------------
+
+def dit_config_from_diffusers(dcfg: Mapping) -> dict:
+    """``config.model`` fields (and the latent channels) of a diffusers DiT config."""
+    return dict(family="race_dit", depth=dcfg["num_layers"],
+                width=dcfg["num_attention_heads"] * dcfg["attention_head_dim"],
+                num_heads=dcfg["num_attention_heads"], patch_size=dcfg["patch_size"],
+                num_classes=dcfg["num_embeds_ada_norm"], qk_norm=False, sandwich=False,
+                latent_channels=dcfg["in_channels"])
+
+
+def read_diffusers_dir(model_dir: str) -> tuple[dict, dict]:
+    """``(config, state_dict)`` of a diffusers model folder, read with numpy only."""
+    import json  # pylint: disable=import-outside-toplevel
+    from pathlib import Path  # pylint: disable=import-outside-toplevel
+    try:
+        from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise ConversionError("Reading diffusers weights needs `pip install safetensors`.") from e
+    root = Path(model_dir)
+    if not (root / "config.json").is_file():
+        raise ConversionError(f"{root} has no config.json (expected a diffusers model folder, "
+                              "e.g. the transformer/ subfolder of a pipeline).")
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"No .safetensors weights in {root}.")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return json.loads((root / "config.json").read_text()), state
+
+
+def convert_diffusers_dir(model_dir: str, family: str):
+    """Converts a diffusers Lumina2 (``family='lumina'``) or DiT (``'dit'``) folder.
+
+    Returns ``(denoiser params, model fields)``; the fields say which ``config.model``
+    values (plus ``latent_channels`` and, for Lumina, ``text_width``) the run must use.
+    """
+    import jax  # pylint: disable=import-outside-toplevel
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from jaxdit.models.lumina import Lumina  # pylint: disable=import-outside-toplevel
+    from jaxdit.models.race_dit import RaceDiT  # pylint: disable=import-outside-toplevel
+    from jaxdit.train.state import strip_boxes  # pylint: disable=import-outside-toplevel
+    dcfg, state = read_diffusers_dir(model_dir)
+    if family == "lumina":
+        fields = lumina_config_from_diffusers(dcfg)
+        model = Lumina(depth=fields["depth"], width=fields["width"],
+                       num_heads=fields["num_heads"], num_kv_heads=fields["num_kv_heads"],
+                       axes_dims=fields["axes_dims"], patch_size=fields["patch_size"],
+                       num_refiner_layers=fields["num_refiner_layers"],
+                       ffn_multiple_of=fields["ffn_multiple_of"],
+                       out_channels=fields["latent_channels"])
+        cond = {"text_tokens": jnp.zeros((1, 4, fields["text_width"])),
+                "text_mask": jnp.ones((1, 4), bool)}
+    elif family == "dit":
+        fields = dit_config_from_diffusers(dcfg)
+        model = RaceDiT(depth=fields["depth"], width=fields["width"],
+                        num_heads=fields["num_heads"], num_classes=fields["num_classes"],
+                        patch_size=fields["patch_size"], out_channels=fields["latent_channels"],
+                        qk_norm=False, sandwich=False)
+        cond = {"label": jnp.zeros((1,), jnp.int32)}
+    else:
+        raise ConversionError(f"Unknown family {family!r}; available: lumina, dit.")
+    p = fields["patch_size"]
+    x = jnp.zeros((1, 2 * p, 2 * p, fields["latent_channels"]))
+    expected = strip_boxes(jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), x, jnp.zeros(1), cond))["params"])
+    if family == "lumina":
+        params = lumina_from_diffusers(state, expected, num_heads=fields["num_heads"],
+                                       num_kv_heads=fields["num_kv_heads"])
+    else:
+        params = dit_from_diffusers(state, expected, patch_size=p,
+                                    channels=fields["latent_channels"])
+    return params, fields

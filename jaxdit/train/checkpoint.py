@@ -70,3 +70,23 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def save_params(directory: str, params) -> None:
+    """Writes a params-only Orbax checkpoint (a pytree of arrays) to ``directory``."""
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.abspath(directory), params)
+    ckptr.wait_until_finished()
+
+
+def load_params(directory: str, abstract_params):
+    """Restores a params-only checkpoint into ``abstract_params`` (shapes, dtypes and
+    shardings); a tree that does not match raises :class:`CheckpointError` with the cause."""
+    path = os.path.abspath(directory)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"No params checkpoint at {path}.")
+    try:
+        return ocp.StandardCheckpointer().restore(path, abstract_params)
+    except Exception as e:  # pylint: disable=broad-except
+        raise CheckpointError(f"Could not load params from {path} into this model: {e}") from e
+

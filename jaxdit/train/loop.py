@@ -25,7 +25,7 @@ from jaxdit.eval.validation import make_val_loss_fn
 from jaxdit.models.registry import build_model, persistent_variables
 from jaxdit.models.vae import make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_divisor, batch_sharding, make_mesh
-from jaxdit.train.checkpoint import Checkpointer
+from jaxdit.train.checkpoint import Checkpointer, load_params
 from jaxdit.train.metrics import MetricWriter, Progress
 from jaxdit.train.optimizers import make_optimizer
 from jaxdit.train.state import (abstract_state, count_params, create_train_state,
@@ -216,6 +216,18 @@ def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None
     return path
 
 
+def init_params(state, exp: Experiment, directory: str):
+    """``state`` with the denoiser's params (and their EMA) loaded from a params-only
+    checkpoint ``{"denoiser": ...}`` (``tools/convert_diffusers.py``); everything else (a
+    trainable text encoder, the optimizer) keeps its initialisation."""
+    abstract = exp.abstract_state().params
+    loaded = load_params(directory, {"denoiser": abstract["denoiser"]})["denoiser"]
+    print(f"Initialised the denoiser from {directory}", flush=True)
+    params = {**state.params, "denoiser": loaded}
+    ema = {**state.ema_params, "denoiser": jax.tree.map(jnp.copy, loaded)}
+    return state.replace(params=params, ema_params=ema)
+
+
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
@@ -242,6 +254,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             print(f"Resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
         else:
             state, start = exp.create_state(), 0
+            if cfg.train.init_params_from:
+                state = init_params(state, exp, cfg.train.init_params_from)
         n_params = count_params(state.params)
         print(f"Model {cfg.model.family}: {n_params / 1e6:.2f}M params | mesh "
               f"{dict(exp.mesh.shape)} | global batch {cfg.train.batch_size}", flush=True)

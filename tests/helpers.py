@@ -18,7 +18,6 @@ def tiny_config(family="dit_air", arg="tiny", **train):
     elif family == "lumina":
         c = config_lib.lumina_config(arg)
         c.model.update(num_kv_heads=2, axes_dims=(4, 6, 6), num_refiner_layers=1)
-        c.diffusion.multires_pool = 2  # exercise the pooled auxiliary branch too
     else:
         c = config_lib.air_family_config(family, arg)
     c.model.update(depth=2, width=64, num_heads=4, pos_embed_max_size=16)

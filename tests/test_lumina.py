@@ -199,6 +199,26 @@ def test_resolution_shift_and_pooling():
     np.testing.assert_allclose(flow.avg_pool(x, 4)[0, 0, 0], x[0, :4, :4].mean((0, 1)))
 
 
+def test_multires_branch_adds_the_pooled_loss():
+    import functools
+    from jaxdit.train.loop import Experiment
+    from jaxdit.train.step import loss_fn
+    from tests.helpers import fixed_batch, tiny_config
+    cfg = tiny_config("lumina")
+    cfg.model.depth = 1
+    cfg.diffusion.update(multires_pool=2, resolution_shift=True)
+    exp = Experiment(cfg, jax.devices()[:1])
+    with exp.context():
+        state = exp.create_state()
+        fn = jax.jit(functools.partial(loss_fn, model=exp.model, autoencoder=exp.autoencoder,
+                                       cfg=cfg))
+        loss, (metrics, _) = fn(state.params, state.model_state, fixed_batch(cfg),
+                                jax.random.PRNGKey(0))
+    assert np.isfinite(float(metrics["multires_loss"]))
+    np.testing.assert_allclose(float(loss), float(metrics["diffusion_loss"])
+                               + float(metrics["multires_loss"]), rtol=1e-5)
+
+
 def test_system_prompts_in_the_pipeline():
     cfg = config_lib.lumina_config("tiny")
     tok = make_tokenizer(cfg.data)

@@ -22,7 +22,7 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, capsys):
     devices = jax.devices()[:2]  # a sharded (data=2) run; two devices keep compiles short
 
     def config(steps):
@@ -42,7 +42,22 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
     for step in (1, 2, 3, 4):
         assert a[step] == b[step], f"step {step}: {a[step]} != {b[step]}"
     assert os.path.exists(second["samples"])
-    assert sorted(os.listdir(os.path.join(split, "checkpoints"))) == ["2", "4"]
+    ckdir = os.path.join(split, "checkpoints")
+    assert sorted(os.listdir(ckdir)) == ["2", "4"]
+
+    # An unreadable latest checkpoint (a partial write: every state file truncated) is moved
+    # aside, not deleted, and the run resumes from the previous one, reproducing steps 3-4.
+    for root, _, files in os.walk(os.path.join(ckdir, "4", "state")):
+        for f in files:
+            with open(os.path.join(root, f), "r+b") as fh:
+                fh.truncate(os.path.getsize(fh.name) // 3)
+    os.remove(os.path.join(split, "metrics.jsonl"))
+    third = train_and_evaluate(config(4), split, devices)
+    assert third["checkpoint_step"] == 4
+    assert "checkpoint step 4 is unreadable" in capsys.readouterr().out
+    assert sorted(os.listdir(ckdir)) == ["2", "4", "4.corrupt"]
+    redone = _losses(split)
+    assert sorted(redone) == [3, 4] and all(redone[s] == a[s] for s in (3, 4))
 
 
 def test_checkpoint_round_trip_restores_every_field(tmp_path):

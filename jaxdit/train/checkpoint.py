@@ -7,6 +7,7 @@ Layout: ``<workdir>/checkpoints/<step>/{state,data,config}``. Saves are asynchro
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 import grain
@@ -56,6 +57,30 @@ class Checkpointer:
         except Exception as e:  # pylint: disable=broad-except
             raise CheckpointError(f"Could not restore step {step} from {self.directory}: {e}") from e
         return out["state"], step
+
+    def restore_latest_valid(self, abstract_state, data_iterator=None):
+        """Restores the newest readable step. A step that fails to restore (corrupt or
+        partial files) is moved aside to ``<step>.corrupt`` with a warning, nothing is
+        deleted, and the next older step is tried. Returns ``(state, step)``."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                return self.restore(abstract_state, data_iterator, step)
+            except CheckpointError as e:
+                aside = self._move_aside(step)
+                msg = (f"WARNING: checkpoint step {step} is unreadable; moved it to {aside} "
+                       f"and trying an older step. Cause: {str(e)[:300]}")
+                logging.warning(msg)
+                print(msg, flush=True)
+        raise CheckpointError(f"No readable checkpoint in {self.directory}.")
+
+    def _move_aside(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        dst, n = f"{src}.corrupt", 1
+        while os.path.exists(dst):
+            dst, n = f"{src}.corrupt{n}", n + 1
+        os.rename(src, dst)
+        self.manager.reload()
+        return dst
 
     def restore_config(self, step: int | None = None) -> ml_collections.ConfigDict:
         step = self.latest_step() if step is None else step

@@ -11,6 +11,8 @@ import contextlib
 import functools
 import logging
 import os
+import signal
+import threading
 import time
 
 import flax.linen as nn
@@ -216,6 +218,69 @@ def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None
     return path
 
 
+class SkipMonitor:
+    """Counts updates skipped for a non-finite loss/gradient (``metrics["skipped"]``) on the
+    device, without a host sync per step; :meth:`check` (at log steps) reports new skips and
+    stops the run after ``train.max_consecutive_skips`` in a row."""
+
+    def __init__(self, cfg):
+        self.limit = int(cfg.train.max_consecutive_skips)
+        self.total = self.run = jnp.zeros((), jnp.float32)
+        self.reported = 0
+
+    def add(self, metrics):
+        skipped = metrics.get("skipped", jnp.zeros(()))
+        self.total = self.total + skipped
+        self.run = (self.run + skipped) * skipped
+
+    def check(self, step: int):
+        total, run = (int(x) for x in jax.device_get((self.total, self.run)))
+        if total > self.reported:
+            msg = (f"WARNING: {total - self.reported} update(s) skipped for a non-finite loss "
+                   f"or gradient up to step {step} ({total} in this run).")
+            log.warning(msg)
+            print(msg, flush=True)
+            self.reported = total
+        if self.limit and run >= self.limit:
+            raise FloatingPointError(f"{run} consecutive steps up to {step} had a non-finite "
+                                     "loss or gradient; stopping (train.max_consecutive_skips).")
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (preemption notices on TPU VMs / GPU schedulers) into a flag the loop
+    checks after every step: it saves a checkpoint and returns instead of dying. On several
+    hosts every process must stop at the same step, so the flag is combined across hosts
+    (an all-reduce, every ``sync_every`` steps)."""
+
+    def __init__(self, signals=(signal.SIGTERM,), sync_every: int = 10):
+        self.signals, self.sync_every = signals, sync_every
+        self.fired, self.signal_name, self._previous = False, "", {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):  # pylint: disable=unused-argument
+        self.fired, self.signal_name = True, signal.Signals(signum).name
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.fired
+        if step % self.sync_every:
+            return False
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        flags = multihost_utils.process_allgather(np.asarray(self.fired, np.int32))
+        self.fired = bool(np.any(flags))
+        self.signal_name = self.signal_name or "SIGTERM on another host"
+        return self.fired
+
+
 def init_params(state, exp: Experiment, directory: str):
     """``state`` with the denoiser's params (and their EMA) loaded from a params-only
     checkpoint ``{"denoiser": ...}`` (``tools/convert_diffusers.py``); everything else (a
@@ -249,7 +314,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     writer = MetricWriter(workdir, enabled=is_main)
     with exp.context():
         if ckpt.latest_step() is not None:
-            state, start = ckpt.restore(exp.abstract_state(), train_iter)
+            state, start = ckpt.restore_latest_valid(exp.abstract_state(), train_iter)
             log.info("Resumed from step %d", start)
             print(f"Resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
         else:
@@ -263,25 +328,39 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         step_fn = exp.jit_train_step(batch)
         progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.train.batch_size)
         last = {}
+        skips = SkipMonitor(cfg)
         t_start = time.perf_counter()
-        for step in range(start + 1, cfg.train.steps + 1):
-            if step > start + 1:
-                batch = exp.to_global(next(train_iter))
-            state, metrics = step_fn(state, batch)
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                if not np.isfinite(scalars["loss"]):
-                    raise FloatingPointError(f"Non-finite loss {scalars['loss']} at step {step}.")
-                rate = progress.update(step, scalars) or {}
-                writer.write(step, {**scalars, **{f"perf/{k}": v for k, v in rate.items()}})
-                last = {**scalars, **rate}
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                last.update(evaluate(exp, state, step, writer))
-            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and is_main:
-                write_samples(exp, state, step, workdir)
-            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-                ckpt.save(step, state, train_iter, cfg)
+        final_step = start
+        with PreemptionGuard() as preemption:
+            for step in range(start + 1, cfg.train.steps + 1):
+                if step > start + 1:
+                    batch = exp.to_global(next(train_iter))
+                state, metrics = step_fn(state, batch)
+                skips.add(metrics)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    skips.check(step)
+                    rate = progress.update(step, scalars) or {}
+                    writer.write(step, {**scalars, **{f"perf/{k}": v for k, v in rate.items()}})
+                    last = {**scalars, **rate}
+                final_step = step
+                if preemption.requested(step):
+                    ckpt.save(step, state, train_iter, cfg)
+                    ckpt.wait()
+                    print(f"Preempted ({preemption.signal_name}): saved checkpoint step "
+                          f"{step}; rerun the same command to resume.", flush=True)
+                    break
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    last.update(evaluate(exp, state, step, writer))
+                if cfg.train.sample_every and step % cfg.train.sample_every == 0 and is_main:
+                    write_samples(exp, state, step, workdir)
+                if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+                    ckpt.save(step, state, train_iter, cfg)
         progress.close()
+        if preemption.fired:
+            ckpt.close()
+            writer.close()
+            return {**last, "checkpoint_step": final_step, "preempted": True}
         final_step = int(jax.device_get(state.step))
         evaluated = cfg.train.eval_every and final_step % cfg.train.eval_every == 0
         if start < cfg.train.steps and not evaluated:

@@ -2,7 +2,8 @@
 
 ``train_step(state, batch) -> (state, metrics)`` (after ``functools.partial`` binds the
 static pieces): flow-matching loss with caption dropout, gradient accumulation over
-micro-batches with ``lax.scan``, optimizer update, EMA of the parameters.
+micro-batches with ``lax.scan``, optimizer update, EMA of the parameters; a step with a
+non-finite loss or gradient norm changes nothing but the step count (``skipped`` = 1).
 """
 from __future__ import annotations
 
@@ -145,8 +146,15 @@ def train_step(state: TrainState, batch, *, model, autoencoder, tx, schedule, cf
         step = state.step.astype(jnp.float32)
         decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    if cfg.optim.get("skip_nonfinite", True):  # keep the old values on a NaN/Inf step
+        params, ema, opt_state, model_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, ema, opt_state, model_state),
+            (state.params, state.ema_params, state.opt_state, state.model_state))
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state, model_state=model_state, rng=rng)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-               "lr": schedule(state.step), **aux}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+               "skipped": 1.0 - finite.astype(jnp.float32), **aux}
     return new_state, metrics

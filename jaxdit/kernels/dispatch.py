@@ -41,18 +41,24 @@ def check_backend(impl: str) -> None:
         raise ValueError(f"Unknown attention backend {impl!r}; available: {BACKENDS}.")
 
 
-def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None):
-    """``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D), ``key_mask`` (B, T) bool or None."""
+def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None,
+              segment_ids=None):
+    """``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D), ``key_mask`` (B, T) bool or None,
+    ``segment_ids`` None or ``(q_ids (B, S), kv_ids (B, T))`` (xla and pallas only)."""
     check_backend(impl)
     if impl == "auto":
-        impl = "xla" if cudnn_unsupported_reason(q, k) else "cudnn"
+        impl = "xla" if segment_ids is not None or cudnn_unsupported_reason(q, k) else "cudnn"
     if impl == "xla":
-        return xla_attention(q, k, v, key_mask, scale)
+        return xla_attention(q, k, v, key_mask, scale, segment_ids)
     if impl == "pallas":
         reason = pallas_flash.unsupported_reason(q, k, v)
         if reason:
             raise ValueError(f"attn_impl='pallas' cannot run this call: {reason}.")
-        return pallas_flash.flash_attention(q, k, v, key_mask, scale=scale)
+        return pallas_flash.flash_attention(q, k, v, key_mask, segment_ids=segment_ids,
+                                            scale=scale)
+    if segment_ids is not None:
+        raise ValueError("attn_impl='cudnn' does not take segment_ids here; use 'pallas' or "
+                         "'xla'.")
     reason = cudnn_unsupported_reason(q, k)
     if reason:
         raise ValueError(f"attn_impl='cudnn' cannot run this call: {reason}. "

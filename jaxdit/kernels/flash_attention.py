@@ -1,8 +1,10 @@
 """Flash attention in Pallas: forward and backward kernels under one ``custom_vjp``.
 
-``flash_attention(q, k, v, key_mask)`` takes the layouts of :func:`jaxdit.models.attention.attention`:
-``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D) with ``H % Hkv == 0``, ``key_mask`` (B, T) bool
-or None (True = attend; the [text | image] padding of the joint-attention models). Non-causal.
+``flash_attention(q, k, v, key_mask, segment_ids=None)`` takes the layouts of
+:func:`jaxdit.models.attention.attention`: ``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D) with
+``H % Hkv == 0``, ``key_mask`` (B, T) bool or None (True = attend; the [text | image] padding
+of the joint-attention models) and optional ``segment_ids`` ``(q_ids (B, S), kv_ids (B, T))``
+for packed variable-length samples (a query sees only its own segment). Non-causal.
 
 * **Online softmax** over key blocks (FlashAttention-2): never materialises the (S, T)
   scores; the forward saves only the output and the row log-sum-exp.
@@ -28,6 +30,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 NEG_INF = -1e30  # finite, so fully masked blocks never compute inf - inf
@@ -58,9 +61,10 @@ def _round_up(n: int, m: int) -> int:
 
 # ------------------------------------------------------------------------------ kernels
 # Refs (per program, after the block index maps): q/do/o (bq, D); k/v (T, D) or (bk, D);
-# mask (1, T) or (1, bk) float (1 = attend); lse/delta (bq, 1). The dK/dV kernel's group
-# refs hold all query heads of one KV head: (rep, S, D) and (rep, S, 1). Every block keeps
-# two dims (column vectors for row statistics), as Mosaic's TPU tiling wants.
+# segment ids: queries (bq, 1) or (S, 1), keys (1, T) or (1, bk) int32, a query attending to
+# the keys of its own segment (masked keys carry -1); lse/delta (bq, 1). The dK/dV kernel's
+# group refs hold all query heads of one KV head: (rep, S, D) and (rep, S, 1). Every block
+# keeps two dims (column vectors for row statistics), as Mosaic's TPU tiling wants.
 
 def _scores(q, k, valid, scale):
     s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
@@ -68,8 +72,8 @@ def _scores(q, k, valid, scale):
     return jnp.where(valid, s, NEG_INF)
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, scale, block_k):
-    q = q_ref[...]
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, scale, block_k):
+    q, qseg = q_ref[...], qseg_ref[...]
     bq, d = q.shape
 
     def body(j, carry):
@@ -77,7 +81,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, scale, block_k
         start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        valid = mask_ref[:, pl.ds(start, block_k)] > 0  # (1, bk)
+        valid = qseg == kseg_ref[:, pl.ds(start, block_k)]  # (bq, bk)
         s = _scores(q, k, valid, scale)
         m_new = jnp.maximum(m_prev, s.max(axis=1, keepdims=True))
         p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
@@ -95,16 +99,16 @@ def _fwd_kernel(q_ref, k_ref, v_ref, mask_ref, o_ref, lse_ref, *, scale, block_k
     lse_ref[...] = jnp.where(empty, BIG, m + jnp.log(l_safe))
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale,
-               block_k):
-    q, do = q_ref[...], do_ref[...]
+def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dq_ref, *,
+               scale, block_k):
+    q, do, qseg = q_ref[...], do_ref[...], qseg_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
 
     def body(j, dq):
         start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        valid = mask_ref[:, pl.ds(start, block_k)] > 0
+        valid = qseg == kseg_ref[:, pl.ds(start, block_k)]
         p = jnp.exp(_scores(q, k, valid, scale) - lse)
         dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())),
                                  preferred_element_type=jnp.float32)
@@ -116,10 +120,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref, dq_ref
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                scale, block_q):
-    k, v = k_ref[...], v_ref[...]
-    valid = mask_ref[...] > 0  # (1, bk)
+def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dk_ref,
+                dv_ref, *, scale, block_q):
+    k, v, kseg = k_ref[...], v_ref[...], kseg_ref[...]  # kseg (1, bk)
     rep, s_len, _ = q_ref.shape
 
     def body(i, carry, r):
@@ -129,6 +132,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref, dk_re
         do = do_ref[r, pl.ds(start, block_q), :]
         lse = lse_ref[r, pl.ds(start, block_q), :]
         delta = delta_ref[r, pl.ds(start, block_q), :]
+        valid = qseg_ref[pl.ds(start, block_q), :] == kseg
         p = jnp.exp(_scores(q, k, valid, scale) - lse)  # (bq, bk)
         dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, (((0,), (0,)), ((), ())),
                                       preferred_element_type=jnp.float32)
@@ -148,8 +152,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, mask_ref, do_ref, lse_ref, delta_ref, dk_re
 
 
 # ------------------------------------------------------------------------- pallas calls
-# Arrays here are head-major and padded: q (B, H, S, D), k/v (B, Hkv, T, D), mask (B, 1, T),
-# row statistics (B, H, S, 1).
+# Arrays here are head-major and padded: q (B, H, S, D), k/v (B, Hkv, T, D), query segment
+# ids (B, S, 1), key segment ids (B, 1, T), row statistics (B, H, S, 1).
 
 def _compiler_params(platform: str):
     """Grid programs write disjoint blocks: parallel on TPU; Triton settings on GPU."""
@@ -169,7 +173,7 @@ def _call(kernel, name, grid, in_specs, out_specs, out_shape, cfg):
                           compiler_params=None if interpret else _compiler_params(platform))
 
 
-def _forward(q, k, v, mask, scale, blocks: BlockSizes, cfg):
+def _forward(q, k, v, qseg, kseg, scale, blocks: BlockSizes, cfg):
     b, h, s, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     rep, bq = h // hkv, blocks.block_q
@@ -178,14 +182,15 @@ def _forward(q, k, v, mask, scale, blocks: BlockSizes, cfg):
     return _call(
         kernel, "flash_attention_fwd", (b, h, s // bq),
         [pl.BlockSpec((None, None, bq, d), lambda i, j, n: (i, j, n, 0)), kv_full, kv_full,
+         pl.BlockSpec((None, bq, 1), lambda i, j, n: (i, n, 0)),
          pl.BlockSpec((None, 1, t), lambda i, j, n: (i, 0, 0))],
         [pl.BlockSpec((None, None, bq, d), lambda i, j, n: (i, j, n, 0)),
          pl.BlockSpec((None, None, bq, 1), lambda i, j, n: (i, j, n, 0))],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
-        cfg)(q, k, v, mask)
+        cfg)(q, k, v, qseg, kseg)
 
 
-def _backward(q, k, v, mask, o, lse, do, scale, blocks: BlockSizes, cfg):
+def _backward(q, k, v, qseg, kseg, o, lse, do, scale, blocks: BlockSizes, cfg):
     b, h, s, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     rep = h // hkv
@@ -197,9 +202,10 @@ def _backward(q, k, v, mask, o, lse, do, scale, blocks: BlockSizes, cfg):
     dq = _call(
         functools.partial(_dq_kernel, scale=scale, block_k=bk), "flash_attention_dq",
         (b, h, s // bq),
-        [q_spec, kv_full, kv_full, pl.BlockSpec((None, 1, t), lambda i, j, n: (i, 0, 0)),
-         q_spec, row_spec, row_spec],
-        q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), cfg)(q, k, v, mask, do, lse, delta)
+        [q_spec, kv_full, kv_full, pl.BlockSpec((None, bq, 1), lambda i, j, n: (i, n, 0)),
+         pl.BlockSpec((None, 1, t), lambda i, j, n: (i, 0, 0)), q_spec, row_spec, row_spec],
+        q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), cfg)(q, k, v, qseg, kseg, do, lse,
+                                                              delta)
 
     group = pl.BlockSpec((None, rep, s, d), lambda i, g, n: (i, g, 0, 0))
     group_rows = pl.BlockSpec((None, rep, s, 1), lambda i, g, n: (i, g, 0, 0))
@@ -207,28 +213,29 @@ def _backward(q, k, v, mask, o, lse, do, scale, blocks: BlockSizes, cfg):
     dk, dv = _call(
         functools.partial(_dkv_kernel, scale=scale, block_q=bq), "flash_attention_dkv",
         (b, hkv, t // bk),
-        [group, kv_block, kv_block, pl.BlockSpec((None, 1, bk), lambda i, g, n: (i, 0, n)),
-         group, group_rows, group_rows],
+        [group, kv_block, kv_block, pl.BlockSpec((None, s, 1), lambda i, g, n: (i, 0, 0)),
+         pl.BlockSpec((None, 1, bk), lambda i, g, n: (i, 0, n)), group, group_rows, group_rows],
         [kv_block, kv_block],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        cfg)(q, k, v, mask, do, lse, delta)
+        cfg)(q, k, v, qseg, kseg, do, lse, delta)
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash_core(q, k, v, mask, scale, blocks, cfg):
-    return _forward(q, k, v, mask, scale, blocks, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _flash_core(q, k, v, qseg, kseg, scale, blocks, cfg):
+    return _forward(q, k, v, qseg, kseg, scale, blocks, cfg)[0]
 
 
-def _flash_core_fwd(q, k, v, mask, scale, blocks, cfg):
-    o, lse = _forward(q, k, v, mask, scale, blocks, cfg)
-    return o, (q, k, v, mask, o, lse)
+def _flash_core_fwd(q, k, v, qseg, kseg, scale, blocks, cfg):
+    o, lse = _forward(q, k, v, qseg, kseg, scale, blocks, cfg)
+    return o, (q, k, v, qseg, kseg, o, lse)
 
 
 def _flash_core_bwd(scale, blocks, cfg, res, do):
-    q, k, v, mask, o, lse = res
-    dq, dk, dv = _backward(q, k, v, mask, o, lse, do, scale, blocks, cfg)
-    return dq, dk, dv, jnp.zeros_like(mask)
+    q, k, v, qseg, kseg, o, lse = res
+    dq, dk, dv = _backward(q, k, v, qseg, kseg, o, lse, do, scale, blocks, cfg)
+    zero = functools.partial(np.zeros, dtype=jax.dtypes.float0)  # int inputs: float0 cotangents
+    return dq, dk, dv, zero(qseg.shape), zero(kseg.shape)
 
 
 _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
@@ -249,10 +256,28 @@ def unsupported_reason(q, k, v) -> str | None:
     return None
 
 
-def flash_attention(q, k, v, key_mask=None, *, scale: float | None = None,
+def _segments(b: int, s: int, t: int, key_mask, segment_ids):
+    """Query and key segment ids (B, S), (B, T) int32 with masked keys set to -1 (the one
+    masking mechanism of the kernels). User segment ids must be >= 0."""
+    if segment_ids is None:
+        qseg, kseg = jnp.zeros((b, s), jnp.int32), jnp.zeros((b, t), jnp.int32)
+    else:
+        qseg, kseg = (jnp.asarray(x, jnp.int32) for x in segment_ids)
+        if qseg.shape != (b, s) or kseg.shape != (b, t):
+            raise ValueError(f"segment_ids shapes {qseg.shape}, {kseg.shape} != {(b, s)}, "
+                             f"{(b, t)}.")
+    if key_mask is not None:
+        kseg = jnp.where(key_mask.astype(bool), kseg, -1)
+    return qseg, kseg
+
+
+def flash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float | None = None,
                     blocks: BlockSizes | None = None, interpret: bool | None = None,
                     platform: str | None = None):
     """Pallas flash attention; layouts as the module docstring. Returns (B, S, H, D).
+
+    ``segment_ids``: None or ``(q_ids (B, S), kv_ids (B, T))`` int; a query attends only to
+    keys of its own segment (packed variable-length samples), on top of ``key_mask``.
 
     ``interpret=None`` runs the kernels compiled on GPU/TPU and interpreted on CPU;
     ``platform`` (default: the default backend) picks the lowering ("gpu": Triton, "tpu":
@@ -281,8 +306,9 @@ def flash_attention(q, k, v, key_mask=None, *, scale: float | None = None,
         x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))
         return x.transpose(0, 2, 1, 3)
 
-    mask = jnp.ones((b, t), bool) if key_mask is None else key_mask.astype(bool)
-    mask = jnp.pad(mask, ((0, 0), (0, t_pad - t))).astype(jnp.float32)[:, None, :]
-    out = _flash_core(head_major(q, s_pad), head_major(k, t_pad), head_major(v, t_pad), mask,
-                      float(scale), fitted, (platform, bool(interpret)))
+    qseg, kseg = _segments(b, s, t, key_mask, segment_ids)
+    qseg = jnp.pad(qseg, ((0, 0), (0, s_pad - s)))[:, :, None]
+    kseg = jnp.pad(kseg, ((0, 0), (0, t_pad - t)), constant_values=-1)[:, None, :]
+    out = _flash_core(head_major(q, s_pad), head_major(k, t_pad), head_major(v, t_pad), qseg,
+                      kseg, float(scale), fitted, (platform, bool(interpret)))
     return out.transpose(0, 2, 1, 3)[:, :s, :, :d]

@@ -5,9 +5,11 @@ import jax
 import jax.numpy as jnp
 
 
-def xla_attention(q, k, v, key_mask=None, scale: float | None = None):
+def xla_attention(q, k, v, key_mask=None, scale: float | None = None, segment_ids=None):
     """Softmax attention with fp32 statistics; ``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D),
-    ``key_mask`` (B, T) bool or None. Returns ``(B, S, H, D)``.
+    ``key_mask`` (B, T) bool or None, ``segment_ids`` None or ``(q_ids (B, S), kv_ids (B, T))``
+    int: a query attends only to keys of its own segment (packed samples). Returns
+    ``(B, S, H, D)``.
 
     Query heads are grouped onto their KV head with a reshape (query head ``h`` uses KV head
     ``h // (H // Hkv)``), so K/V are never repeated in memory.
@@ -20,8 +22,14 @@ def xla_attention(q, k, v, key_mask=None, scale: float | None = None):
     scale = d ** -0.5 if scale is None else scale
     qg = q.reshape(b, s, hkv, g, d)
     logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    allowed = None
     if key_mask is not None:
-        logits = jnp.where(key_mask[:, None, None, None, :], logits, jnp.finfo(jnp.float32).min)
+        allowed = jnp.broadcast_to(key_mask[:, None, :].astype(bool), (b, s, k.shape[1]))
+    if segment_ids is not None:
+        same = segment_ids[0][:, :, None] == segment_ids[1][:, None, :]
+        allowed = same if allowed is None else allowed & same
+    if allowed is not None:
+        logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
     return out.reshape(b, s, h, d)

@@ -19,7 +19,7 @@ def _init(config, batch=2):
     cond = {"text_ids": b["text_ids"], "text_mask": b["text_mask"]}
     t = jnp.linspace(0.1, 0.9, batch)
     with nn.logical_axis_rules(()):
-        variables = nn.unbox(model.init(jax.random.PRNGKey(0), b["image"], t, cond))
+        variables = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), b["image"], t, cond))
     return model, variables, b["image"], t, cond
 
 
@@ -28,7 +28,7 @@ def test_output_shape_and_zero_init(family, arg):
     cfg = tiny_config(family, arg)
     cfg.text.vocab_size = 32
     model, variables, x, t, cond = _init(cfg)
-    out = model.apply(variables, x, t, cond)
+    out = jax.jit(model.apply)(variables, x, t, cond)
     assert out.shape == x.shape and out.dtype == jnp.float32
     # adaLN-Zero / zero-init final layer: the model starts by predicting exactly 0.
     np.testing.assert_array_equal(np.asarray(out), 0.0)
@@ -55,9 +55,9 @@ def test_bf16_compute_runs_and_is_close_to_fp32():
     model, variables, x, t, cond = _init(cfg)
     variables = jax.tree.map(lambda a: a + 0.02 * jnp.cos(jnp.arange(a.size).reshape(a.shape)),
                              variables)
-    ref = model.apply(variables, x, t, cond)
+    ref = jax.jit(model.apply)(variables, x, t, cond)
     cfg.model.dtype = "bfloat16"
-    out = build_model(cfg).apply(variables, x, t, cond)
+    out = jax.jit(build_model(cfg).apply)(variables, x, t, cond)
     assert out.dtype == jnp.float32
     err = float(jnp.abs(out - ref).max() / jnp.abs(ref).max())
     assert 0 < err < 0.05
@@ -166,9 +166,9 @@ def test_remat_gives_the_same_gradients(family):
     variables = jax.tree.map(lambda a: a + 0.02 * jnp.cos(jnp.arange(a.size).reshape(a.shape)),
                              variables)
     loss = lambda m: lambda v: jnp.mean(m.apply(v, x, t, cond) ** 2)
-    g_ref = jax.grad(loss(model))(variables)
+    g_ref = jax.jit(jax.grad(loss(model)))(variables)
     cfg.model.remat = True
-    g = jax.grad(loss(build_model(cfg)))(variables)
+    g = jax.jit(jax.grad(loss(build_model(cfg))))(variables)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, g_ref)
 
 

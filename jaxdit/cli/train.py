@@ -5,12 +5,17 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxdit.parallel import distributed
 from jaxdit.train.loop import train_and_evaluate
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py:arg).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, samples and metrics.")
+flags.DEFINE_string("coordinator", None, "Multi-process: coordinator host:port "
+                    "(not needed on TPU VMs; see jaxdit/parallel/distributed.py).")
+flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-process: this process's id.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -18,6 +23,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     jax.config.update("jax_threefry_partitionable", True)  # sharding-invariant random bits
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     print(f"Done: loss {result.get('loss', float('nan')):.4f}, val loss "

@@ -17,6 +17,7 @@ import time
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -210,11 +211,14 @@ def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None
     cfg = exp.config
     captions, cond = sample_condition(exp, captions, labels)
     images = exp.sample_fn(state_variables(state), {k: jnp.asarray(v) for k, v in cond.items()},
-                       jax.random.PRNGKey(cfg.sampler.seed))
+                           jax.random.PRNGKey(cfg.sampler.seed))
+    if jax.process_count() > 1:  # every host samples (collectives); the first one writes
+        images = multihost_utils.process_allgather(images, tiled=True)
     cols = int(np.ceil(np.sqrt(len(captions))))
     path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-    save_grid(np.asarray(images), path, cols=cols)
-    write_captions(captions, path.replace(".png", ".txt"), cols)
+    if jax.process_index() == 0:
+        save_grid(np.asarray(images), path, cols=cols)
+        write_captions(captions, path.replace(".png", ".txt"), cols)
     return path
 
 
@@ -274,7 +278,6 @@ class PreemptionGuard:
             return self.fired
         if step % self.sync_every:
             return False
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
         flags = multihost_utils.process_allgather(np.asarray(self.fired, np.int32))
         self.fired = bool(np.any(flags))
         self.signal_name = self.signal_name or "SIGTERM on another host"
@@ -352,7 +355,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
                     break
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                     last.update(evaluate(exp, state, step, writer))
-                if cfg.train.sample_every and step % cfg.train.sample_every == 0 and is_main:
+                if cfg.train.sample_every and step % cfg.train.sample_every == 0:
                     write_samples(exp, state, step, workdir)
                 if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
                     ckpt.save(step, state, train_iter, cfg)
@@ -365,7 +368,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         evaluated = cfg.train.eval_every and final_step % cfg.train.eval_every == 0
         if start < cfg.train.steps and not evaluated:
             last.update(evaluate(exp, state, final_step, writer))
-        last["samples"] = write_samples(exp, state, final_step, workdir) if is_main else None
+        last["samples"] = write_samples(exp, state, final_step, workdir)
         last["train_time_s"] = time.perf_counter() - t_start
     ckpt.close()
     writer.close()

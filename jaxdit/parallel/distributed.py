@@ -1,0 +1,56 @@
+"""Multi-host initialisation (``jax.distributed``).
+
+* TPU VM pods: ``initialize()`` with no arguments; JAX finds the coordinator and the process
+  ids from the TPU metadata (every host runs the same command, e.g. through
+  ``tools/launch_tpu_vm.sh``).
+* Elsewhere (GPU clusters, several CPU processes): pass the coordinator ``host:port``, the
+  number of processes and this process's id, or set ``JAXDIT_COORDINATOR``,
+  ``JAXDIT_NUM_PROCESSES`` and ``JAXDIT_PROCESS_ID``.
+
+Call it before anything touches a device. Data is sharded per host by the input pipeline
+(each host reads ``process_index::process_count`` of the records and contributes its slice
+of the global batch); checkpoints are written by every host into one shared directory.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+ENV = ("JAXDIT_COORDINATOR", "JAXDIT_NUM_PROCESSES", "JAXDIT_PROCESS_ID")
+
+
+def on_tpu_vm() -> bool:
+    """A TPU VM exposes its accelerator type through these variables or the metadata."""
+    return bool(os.environ.get("TPU_ACCELERATOR_TYPE") or os.environ.get("TPU_WORKER_ID")
+                or os.environ.get("CLOUD_TPU_TASK_ID"))
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> bool:
+    """Starts ``jax.distributed`` when several processes are configured; returns whether it
+    did. Explicit arguments win over the ``JAXDIT_*`` environment variables."""
+    coordinator = coordinator or os.environ.get(ENV[0])
+    if num_processes is None and os.environ.get(ENV[1]):
+        num_processes = int(os.environ[ENV[1]])
+    if process_id is None and os.environ.get(ENV[2]):
+        process_id = int(os.environ[ENV[2]])
+    explicit = [coordinator, num_processes, process_id]
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("Multi-process runs need all of coordinator (host:port), "
+                             "num_processes and process_id; got "
+                             f"{dict(zip(('coordinator', 'num_processes', 'process_id'), explicit))}.")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id={process_id} must be in [0, {num_processes}).")
+        if num_processes == 1:
+            return False
+        if "cpu" in (os.environ.get("JAX_PLATFORMS") or ""):
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+        return True
+    if on_tpu_vm():
+        jax.distributed.initialize()
+        return jax.process_count() > 1
+    return False

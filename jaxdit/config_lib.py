@@ -82,7 +82,9 @@ def base_config() -> ml_collections.ConfigDict:
         # model state unchanged (reported as skipped); the run stops after
         # train.max_consecutive_skips such steps in a row.
         skip_nonfinite=True))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1))
+    # preset: e.g. "v5p-128" sets fsdp over its 64 chips / (tensor x expert), data over slices.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1,
+                                            preset=""))
     c.train = ml_collections.ConfigDict(dict(
         batch_size=32, steps=1000, log_every=50, eval_every=500, sample_every=0,
         ckpt_every=500, keep_checkpoints=3, async_checkpointing=True, val_batches=4,

@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from jaxdit import config_lib
-from jaxdit.parallel.mesh import MeshConfigError, make_mesh, resolve_mesh_shape
+from jaxdit.parallel.mesh import MeshConfigError, make_mesh, mesh_axes, resolve_mesh_shape
 from jaxdit.train.checkpoint import CheckpointError, Checkpointer
 from jaxdit.train.loop import ConfigError, Experiment, train_and_evaluate
 from jaxdit.train.optimizers import make_optimizer, scale_by_factored_rms
@@ -124,6 +124,14 @@ def test_mesh_shapes_and_errors():
         resolve_mesh_shape({"model": 8}, 8)
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1, "sequence": 1}
+    # v5p presets: fsdp over the slice's chips (cores / 2) / tensor, data over slices
+    assert mesh_axes({"preset": "v5p-128", "tensor": 4, "data": 7})["fsdp"] == 16
+    assert resolve_mesh_shape(mesh_axes({"preset": "v5p-16", "tensor": 1}), 16) == {
+        "data": 2, "fsdp": 8, "tensor": 1, "expert": 1, "sequence": 1}
+    with pytest.raises(MeshConfigError, match="v5p-8 has 4 chips"):
+        mesh_axes({"preset": "v5p-8", "tensor": 8})
+    with pytest.raises(MeshConfigError, match="Unknown mesh preset"):
+        mesh_axes({"preset": "v9-8"})
 
 
 @pytest.mark.parametrize("mutate,error,match", [

@@ -80,10 +80,41 @@ def resolve_mesh_shape(axis_sizes: Mapping[str, int], num_devices: int) -> dict[
     return sizes
 
 
+# TPU v5p slices are named by TensorCores ("v5p-128" = 64 chips); each chip is one JAX
+# device (megacore). Presets shard parameters and optimizer state over every chip (fsdp),
+# with ``tensor`` kept from the config (e.g. 4 for the largest models) and the batch over
+# fsdp x data; ``data=-1`` absorbs several slices (multi-slice over DCN).
+V5P_SLICES = {f"v5p-{cores}": cores // 2 for cores in (8, 16, 32, 64, 128, 256, 512, 1024,
+                                                        2048, 4096, 8192, 12288)}
+
+
+def preset_axes(preset: str, tensor: int = 1, expert: int = 1) -> dict[str, int]:
+    """Axis sizes for a named slice (see :data:`V5P_SLICES`): fsdp over the slice's chips
+    divided by ``tensor`` and ``expert``, data over slices."""
+    if preset not in V5P_SLICES:
+        raise MeshConfigError(f"Unknown mesh preset {preset!r}; available: {sorted(V5P_SLICES)}.")
+    chips = V5P_SLICES[preset]
+    if chips % (tensor * expert):
+        raise MeshConfigError(f"{preset} has {chips} chips, not divisible by tensor={tensor} x "
+                              f"expert={expert}.")
+    return dict(data=-1, fsdp=chips // (tensor * expert), tensor=tensor, expert=expert,
+                sequence=1)
+
+
+def mesh_axes(mesh_cfg: Mapping) -> dict[str, int]:
+    """``config.mesh`` -> axis sizes: the explicit sizes, or ``preset`` when it is set."""
+    cfg = dict(mesh_cfg)
+    preset = cfg.pop("preset", "")
+    if not preset:
+        return cfg
+    return preset_axes(preset, cfg.get("tensor", 1), cfg.get("expert", 1))
+
+
 def make_mesh(axis_sizes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """Builds a ``Mesh`` with axes ``MESH_AXES`` (Auto axis types, so linen constraints work)."""
+    """Builds a ``Mesh`` with axes ``MESH_AXES`` (Auto axis types, so linen constraints work);
+    ``axis_sizes`` may be a ``config.mesh`` with a ``preset`` (:func:`mesh_axes`)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = resolve_mesh_shape(axis_sizes, len(devices))
+    sizes = resolve_mesh_shape(mesh_axes(axis_sizes), len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
         try:  # Topology-aware device order on real accelerators.

@@ -8,7 +8,8 @@ from PIL import Image
 from jaxdit.data import buckets
 from jaxdit.data.pipeline import bucket_sizes, make_dataset
 from jaxdit.data.sources import ImageFolderSource
-from jaxdit.train.loop import ConfigError, Experiment
+from jaxdit.train.loop import ConfigError, Experiment, evaluate, sample_condition
+from jaxdit.train.metrics import MetricWriter
 from tests.helpers import tiny_config
 
 
@@ -60,7 +61,9 @@ def test_pipeline_mixes_buckets_in_one_static_shape(tmp_path):
     assert [src[i]["image"].shape[:2] for i in range(3)] == [(20, 40), (32, 32), (40, 20)]
 
 
-def test_one_compiled_step_trains_on_every_bucket():
+def test_one_compiled_step_trains_on_every_bucket(tmp_path):
+    """Training and validation on packed buckets, and sampling prompts with the system
+    prompt (the CLI path of ``python -m jaxdit.train``, in process)."""
     cfg = _bucket_config()
     exp = Experiment(cfg)
     it = iter(make_dataset(cfg, "train", 8))
@@ -75,6 +78,12 @@ def test_one_compiled_step_trains_on_every_bucket():
             state, metrics = step(state, exp.to_global(host))
             assert np.isfinite(float(metrics["loss"]))
         assert step._cache_size() == 1 and len(seen) > 2
+        scalars = evaluate(exp, state, 3, MetricWriter(str(tmp_path), enabled=False))
+        assert np.isfinite(scalars["val/loss"])
+    captions, cond = sample_condition(exp, ["a red circle"])
+    assert captions == ["a red circle"]
+    words = exp.tokenizer.decode(np.asarray(cond["text_ids"])[0])
+    assert words.startswith("you are an assistant")  # (truncated at the tiny max_len)
 
 
 def test_bucket_config_errors():

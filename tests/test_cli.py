@@ -68,21 +68,3 @@ def test_race_dit_trains_and_samples_by_label(tmp_path):
     assert Image.open(png).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
     assert "a green square" in open(png.replace(".png", ".txt"), encoding="utf-8").read()
 
-
-def test_lumina_trains_on_aspect_buckets_and_samples(tmp_path):
-    """Lumina through the same CLI, on mixed aspect-ratio buckets (packed patches), with the
-    system prompt; then samples a prompt from the checkpoint."""
-    wd = str(tmp_path / "lumina")
-    out = _run(["jaxdit.train", "--config", "experiments/lumina.py:tiny", "--workdir", wd,
-                "--config.train.steps=2", "--config.train.log_every=1",
-                "--config.train.batch_size=8", "--config.model.depth=1",
-                "--config.data.aspect_buckets=True", "--config.sampler.num_steps=2",
-                "--config.sampler.num_samples=2", "--config.train.val_batches=1"], tmp_path)
-    assert "Model lumina" in out
-    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"), encoding="utf-8")]
-    assert any("val/loss" in r for r in rows)
-    png = str(tmp_path / "lumina.png")
-    out = _run(["jaxdit.sample", "--workdir", wd, "--prompt", "a red circle", "--out", png,
-                "--num_per_prompt", "2", "--num_steps", "2"], tmp_path)
-    assert "from checkpoint step 2" in out
-    assert Image.open(png).size == (2 * 32 + 3 * 2, 32 + 2 * 2)

@@ -194,15 +194,18 @@ def unpatchify(tokens, p: int, h: int, w: int, c: int):
 
 
 class FinalLayer(nn.Module):
-    """Norm -> AdaLN shift/scale from ``c`` -> Linear to ``out_dim``; all zero-init."""
+    """Norm -> AdaLN shift/scale from ``c`` -> Linear to ``out_dim``; all zero-init.
+    ``use_shift=False``: scale only, ``LN(x) * (1 + scale)`` (Lumina's final layer)."""
     out_dim: int
+    use_shift: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, c):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        shift, scale = AdaLNModulation(x.shape[-1], 2, name="adaln", **kw)(c)
+        chunks = AdaLNModulation(x.shape[-1], 2 if self.use_shift else 1, name="adaln", **kw)(c)
+        shift, scale = chunks if self.use_shift else (0.0, chunks[0])
         x = modulate(LayerNorm(dtype=self.dtype)(x), shift, scale)
         return dense(self.out_dim, ("embed", "patch"), name="proj", init=zeros, **kw)(x)
 

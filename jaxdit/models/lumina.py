@@ -38,18 +38,16 @@ and one compiled step (see :mod:`jaxdit.data.buckets`).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdit.models.attention import SelfAttention
 from jaxdit.models.base import Block, Denoiser
-from jaxdit.models.layers import (AdaLNModulation, LayerNorm, RMSNorm, SwiGLU,
+from jaxdit.models.layers import (AdaLNModulation, FinalLayer, RMSNorm, SwiGLU,
                                   TimestepEmbedder, dense, grid_positions, patchify,
-                                  rope_tables, unpatchify, zeros)
-
-Dtype = Any
+                                  rope_tables, unpatchify)
 
 
 def mrope_positions(text_mask, image_pos, image_mask=None):
@@ -109,20 +107,6 @@ class LuminaBlock(Block):
             x = x + norm("attn_norm2")(attn(norm("attn_norm1")(x), key_mask, rope))
             x = x + norm("ffn_norm2")(ffn(norm("ffn_norm1")(x)))
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-
-
-class LuminaFinalLayer(nn.Module):
-    """``Linear(LayerNorm(x) * (1 + scale(temb)))``: scale-only, no shift or gate; zero-init."""
-    out_dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, temb):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        (scale,) = AdaLNModulation(x.shape[-1], 1, name="adaln", **kw)(temb)
-        x = LayerNorm(eps=1e-6, dtype=self.dtype)(x) * (1 + scale)
-        return dense(self.out_dim, ("embed", "patch"), name="proj", init=zeros, **kw)(x)
 
 
 class Lumina(Denoiser):
@@ -197,7 +181,7 @@ class Lumina(Denoiser):
         self.param("norm_final", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                    (self.width,), self.param_dtype)
         p, c = self.patch_size, self.out_channels
-        out = LuminaFinalLayer(p * p * c, name="final", **kw)(seq[:, num_text:], temb)
+        out = FinalLayer(p * p * c, use_shift=False, name="final", **kw)(seq[:, num_text:], temb)
         out = out.astype(jnp.float32)
         if x.ndim == 3:
             return out

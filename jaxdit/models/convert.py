@@ -247,29 +247,22 @@ def convert_diffusers_dir(model_dir: str, family: str):
     """
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    from jaxdit.models.lumina import Lumina  # pylint: disable=import-outside-toplevel
-    from jaxdit.models.race_dit import RaceDiT  # pylint: disable=import-outside-toplevel
+    from jaxdit import config_lib  # pylint: disable=import-outside-toplevel
+    from jaxdit.models.registry import build_denoiser  # pylint: disable=import-outside-toplevel
     from jaxdit.train.state import strip_boxes  # pylint: disable=import-outside-toplevel
     dcfg, state = read_diffusers_dir(model_dir)
     if family == "lumina":
         fields = lumina_config_from_diffusers(dcfg)
-        model = Lumina(depth=fields["depth"], width=fields["width"],
-                       num_heads=fields["num_heads"], num_kv_heads=fields["num_kv_heads"],
-                       axes_dims=fields["axes_dims"], patch_size=fields["patch_size"],
-                       num_refiner_layers=fields["num_refiner_layers"],
-                       ffn_multiple_of=fields["ffn_multiple_of"],
-                       out_channels=fields["latent_channels"])
         cond = {"text_tokens": jnp.zeros((1, 4, fields["text_width"])),
                 "text_mask": jnp.ones((1, 4), bool)}
     elif family == "dit":
         fields = dit_config_from_diffusers(dcfg)
-        model = RaceDiT(depth=fields["depth"], width=fields["width"],
-                        num_heads=fields["num_heads"], num_classes=fields["num_classes"],
-                        patch_size=fields["patch_size"], out_channels=fields["latent_channels"],
-                        qk_norm=False, sandwich=False)
         cond = {"label": jnp.zeros((1,), jnp.int32)}
     else:
         raise ConversionError(f"Unknown family {family!r}; available: lumina, dit.")
+    model_cfg = config_lib.base_config().model
+    model_cfg.update({k: v for k, v in fields.items() if k in model_cfg})
+    model = build_denoiser(model_cfg, fields["latent_channels"])
     p = fields["patch_size"]
     x = jnp.zeros((1, 2 * p, 2 * p, fields["latent_channels"]))
     expected = strip_boxes(jax.eval_shape(

@@ -19,15 +19,21 @@ from jaxdit.data.tokenizer import WordTokenizer
 SOURCES = ("shapes", "folder", "tfds")
 
 
+def packed_tokens(config) -> int:
+    """Patches per packed example: those of a square ``data.image_size`` image."""
+    side = config.data.image_size // (config.model.patch_size * config.latent.downsample)
+    return side * side
+
+
 def bucket_sizes(config):
-    """Aspect-ratio buckets ``[(h, w), ...]`` in pixels holding at most as many patches as a
-    square ``data.image_size`` image, or None when ``data.aspect_buckets`` is off."""
+    """Aspect-ratio buckets ``[(h, w), ...]`` in pixels holding at most
+    :func:`packed_tokens` patches, or None when ``data.aspect_buckets`` is off."""
     d = config.data
     if not d.aspect_buckets:
         return None
     patch_px = config.model.patch_size * config.latent.downsample
-    side = d.image_size // patch_px
-    return buckets.crop_size_list(side * side, patch_px, d.bucket_max_ratio, d.bucket_filter)
+    return buckets.crop_size_list(packed_tokens(config), patch_px, d.bucket_max_ratio,
+                                  d.bucket_filter)
 
 
 def make_source(data_cfg, split: str, sizes=None):
@@ -94,6 +100,5 @@ def make_dataset(config, split: str, batch_size: int, *, process_index: int = 0,
     ds = ds.map(Preprocess(make_tokenizer(config.data), config.text.max_len,
                            config.data.system_prompt))
     if sizes:
-        side = config.data.image_size // config.model.patch_size
-        ds = ds.map(buckets.PackPatches(config.model.patch_size, side * side))
+        ds = ds.map(buckets.PackPatches(config.model.patch_size, packed_tokens(config)))
     return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)

@@ -13,6 +13,9 @@ import grain
 import numpy as np
 from PIL import Image
 
+# Pure reshapes/transposes: on numpy inputs they stay numpy (no device work in data workers).
+from jaxdit.models.layers import patchify, unpatchify
+
 
 
 def official_side_filter(side_px: int) -> bool:
@@ -74,9 +77,7 @@ def pack_patches(image: np.ndarray, patch: int, num_tokens: int) -> dict:
     if h * w > num_tokens:
         raise ValueError(f"Image {image.shape[:2]} has {h * w} patches, more than the "
                          f"{num_tokens} a packed example holds.")
-    c = image.shape[-1]
-    tokens = image[:h * patch, :w * patch].reshape(h, patch, w, patch, c)
-    tokens = tokens.transpose(0, 2, 1, 3, 4).reshape(h * w, patch * patch * c)
+    tokens = patchify(np.asarray(image)[None, :h * patch, :w * patch], patch)[0]
     out = np.zeros((num_tokens, tokens.shape[-1]), np.float32)
     out[:h * w] = tokens
     pos = np.zeros((num_tokens, 2), np.int32)
@@ -90,8 +91,7 @@ def unpack_patches(tokens, pos, mask, patch: int, channels: int = 3) -> np.ndarr
     """Inverse of :func:`pack_patches` for one example: (N, p*p*C) -> (H, W, C)."""
     pos, mask = np.asarray(pos)[np.asarray(mask)], np.asarray(mask)
     h, w = pos[:, 0].max() + 1, pos[:, 1].max() + 1
-    grid = np.asarray(tokens)[mask].reshape(h, w, patch, patch, channels)
-    return grid.transpose(0, 2, 1, 3, 4).reshape(h * patch, w * patch, channels)
+    return unpatchify(np.asarray(tokens)[mask][None], patch, h * patch, w * patch, channels)[0]
 
 
 class PackPatches(grain.transforms.Map):

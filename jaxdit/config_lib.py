@@ -41,7 +41,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         family="dit_air", depth=4, width=128, num_heads=4, patch_size=4, mlp_ratio=4.0,
         share="none", adaln="per_layer", qk_norm=True, sandwich=True, adaln_layer_offset=True,
-        pos_embed_max_size=144, text_hidden_ratio=4.0, attn_impl="xla", remat=False,
+        pos_embed_max_size=144, text_hidden_ratio=4.0, attn_impl="xla", remat="none",
         dtype="float32", param_dtype="float32", num_classes=0,
         # Lumina-Image 2.0 only: KV heads (0 = num_heads), M-RoPE channels per axis.
         num_kv_heads=0, axes_dims=(0, 0, 0), num_refiner_layers=2, ffn_multiple_of=256))
@@ -111,7 +111,7 @@ def paper_model(config, depth: int, width: int, heads: int, patch: int = 2):
     config.text.update(kind="precomputed", width=PAPER_TEXT_WIDTH, max_len=128)
     config.latent.update(PAPER_LATENT)
     config.data.image_size = 256
-    config.model.update(dtype="bfloat16", remat=True)
+    config.model.update(dtype="bfloat16", remat="full")
     config.train.batch_size = 4096
     return config
 
@@ -172,7 +172,7 @@ def race_config(arg: str | None):
     if size in RACE_SIZES:
         depth, width, heads = RACE_SIZES[size]
         config.model.update(depth=depth, width=width, num_heads=heads, patch_size=2,
-                            num_classes=IMAGENET_CLASSES, dtype="bfloat16", remat=True)
+                            num_classes=IMAGENET_CLASSES, dtype="bfloat16", remat="full")
         config.latent.update(kind="kl_vae", channels=4, downsample=8)  # SD-VAE latents
         config.data.image_size = 256
         # DiT's ImageNet recipe (Race-DiT's own ablation recipe is not public).
@@ -225,7 +225,7 @@ def lumina_config(arg: str | None):
     if size in LUMINA_SIZES:
         width, depth, heads, kv_heads, axes = LUMINA_SIZES[size]
         config.model.update(width=width, depth=depth, num_heads=heads, num_kv_heads=kv_heads,
-                            axes_dims=axes, dtype="bfloat16", remat=True)
+                            axes_dims=axes, dtype="bfloat16", remat="full")
         config.text.update(kind="precomputed", width=GEMMA_2B_WIDTH, max_len=256)
         config.latent.update(FLUX_LATENT)
         config.data.update(image_size=1024, bucket_max_ratio=4.0, bucket_filter="official")

@@ -10,12 +10,39 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxdit.models.layers import (ConditionEmbedder, FinalLayer, PatchEmbed, TextAdapter,
                                   unpatchify)
 
 Dtype = Any
+
+# ``model.remat``: what a rematerialised block keeps from its forward pass for the backward.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation (fastest, most memory)
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the block inputs
+    # keep the outputs of weight matmuls (QKV/out projections, MLP) and recompute the
+    # cheap elementwise work and the attention scores (matmuls with batch dims)
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy_name(remat: bool | str) -> str:
+    """``model.remat`` as a :data:`REMAT_POLICIES` key (True = ``"full"``, False = ``"none"``)."""
+    name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, (bool, str)) \
+        else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"model.remat={remat!r}: use one of {sorted(REMAT_POLICIES)} or a bool.")
+    return name
+
+
+def remat_block(cls, remat: bool | str):
+    """``cls`` wrapped in ``nn.remat`` with the policy that ``remat`` names."""
+    name = remat_policy_name(remat)
+    if name == "none":
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[name])
 
 
 class Block(nn.Module):
@@ -57,7 +84,7 @@ class Denoiser(nn.Module):
     sandwich: bool = True
     text_hidden_ratio: float = 4.0
     attn_impl: str = "xla"
-    remat: bool = False
+    remat: bool | str = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -72,7 +99,8 @@ class Denoiser(nn.Module):
                     **self.kw)
 
     def block_class(self, cls):
-        return nn.remat(cls) if self.remat else cls
+        """``cls`` rematerialised per :data:`REMAT_POLICIES` ``[self.remat]``."""
+        return remat_block(cls, self.remat)
 
     def image_positions(self, grid_h: int, grid_w: int):
         """Additive position embedding ``(1, grid_h*grid_w, width)`` or None (e.g. RoPE)."""

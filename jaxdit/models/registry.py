@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdit.kernels.dispatch import check_backend
+from jaxdit.models.base import remat_policy_name
 from jaxdit.models.dit_air import DiTAir
 from jaxdit.models.lumina import Lumina
 from jaxdit.models.mmdit import MMDiT
@@ -52,6 +53,7 @@ def build_denoiser(model_cfg, out_channels: int, moe_cfg=None) -> nn.Module:
     """Denoiser for ``model_cfg.family`` in :data:`FAMILIES`."""
     m = model_cfg
     check_backend(m.attn_impl)
+    remat_policy_name(m.remat)  # validates model.remat before any tracing
     if m.width % m.num_heads:
         raise ValueError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}.")
     if m.family == "race_dit":

@@ -12,6 +12,7 @@ from jaxdit.kernels.flash_attention import BlockSizes, flash_attention
 from jaxdit.kernels.reference import xla_attention
 
 SMALL = BlockSizes(16, 16, 16, 16)  # several blocks per sequence at test sizes
+FUSED = BlockSizes(16, 16, 16, 16, fused_bwd=True)  # dQ by atomics in the dK/dV kernel
 
 
 def _inputs(b, s, t, h, hkv, d, dtype=jnp.float32, seed=0):
@@ -30,17 +31,18 @@ def _loss(fn, mask):
     return loss
 
 
-@pytest.mark.parametrize("s,t,h,hkv,d", [
-    (40, 56, 4, 2, 72),    # GQA, head dim padded 72 -> 128, ragged lengths
-    (33, 33, 3, 1, 108),   # MQA, odd length, head dim 108
-    (24, 40, 2, 2, 64),    # plain MHA, S != T
+@pytest.mark.parametrize("s,t,h,hkv,d,blocks", [
+    (40, 56, 4, 2, 72, SMALL),    # GQA, head dim padded 72 -> 128, ragged lengths
+    (40, 56, 4, 2, 72, FUSED),    # the same through the fused (atomic dQ) backward
+    (33, 33, 3, 1, 108, SMALL),   # MQA, odd length, head dim 108
+    (24, 40, 2, 2, 64, SMALL),    # plain MHA, S != T
 ])
-def test_values_and_gradients_match_xla(s, t, h, hkv, d):
+def test_values_and_gradients_match_xla(s, t, h, hkv, d, blocks):
     q, k, v, mask = _inputs(2, s, t, h, hkv, d)
-    flash = jax.jit(lambda *a: flash_attention(*a, blocks=SMALL))
+    flash = jax.jit(lambda *a: flash_attention(*a, blocks=blocks))
     np.testing.assert_allclose(flash(q, k, v, mask), xla_attention(q, k, v, mask),
                                atol=2e-5, rtol=1e-5)
-    got = jax.jit(jax.grad(_loss(lambda *a: flash_attention(*a, blocks=SMALL), mask),
+    got = jax.jit(jax.grad(_loss(lambda *a: flash_attention(*a, blocks=blocks), mask),
                            argnums=(0, 1, 2)))(q, k, v)
     want = jax.grad(_loss(xla_attention, mask), argnums=(0, 1, 2))(q, k, v)
     for g, w, name in zip(got, want, "qkv"):
@@ -61,12 +63,13 @@ def test_segment_ids_for_packed_samples():
     np.testing.assert_allclose(out, ref, atol=2e-5)
     alone = xla_attention(q[:1, :20], k[:1, :20], v[:1, :20])
     np.testing.assert_allclose(out[:1, :20], alone, atol=2e-5)
-    got = jax.grad(_loss(lambda *a: flash_attention(*a, segment_ids=ids, blocks=SMALL), mask),
-                   argnums=(0, 1, 2))(q, k, v)
     want = jax.grad(_loss(lambda *a: xla_attention(*a, segment_ids=ids), mask),
                     argnums=(0, 1, 2))(q, k, v)
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
+    for blocks in (SMALL, FUSED):
+        got = jax.jit(jax.grad(_loss(lambda *a, b=blocks: flash_attention(
+            *a, segment_ids=ids, blocks=b), mask), argnums=(0, 1, 2)))(q, k, v)
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(dispatch.attention(q, k, v, mask, impl="pallas",
                                                   segment_ids=ids), ref, atol=2e-5)
 
@@ -105,8 +108,8 @@ def test_kernels_lower_for_gpu_and_tpu(platform, target):
     k = jax.ShapeDtypeStruct((2, 384, 2, 96), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((2, 384), jnp.bool_)
 
-    def fwd(q, k, v, m):
-        return flash_attention(q, k, v, m, interpret=False, platform=platform)
+    def fwd(q, k, v, m, blocks=None):
+        return flash_attention(q, k, v, m, interpret=False, platform=platform, blocks=blocks)
 
     def grads(q, k, v, m):
         return jax.grad(lambda *a: fwd(*a, m).astype(jnp.float32).sum(), argnums=(0, 1, 2))(
@@ -118,6 +121,17 @@ def test_kernels_lower_for_gpu_and_tpu(platform, target):
         text = export.export(jax.jit(fn), platforms=[target], disabled_checks=checks)(
             q, k, k, mask).mlir_module()
         assert text.count("custom_call @") == kernels
+    fused = BlockSizes(64, 64, 64, 64, fused_bwd=True)
+    fused_grads = lambda *a: jax.grad(lambda *b: fwd(*b, a[3], fused).astype(
+        jnp.float32).sum(), argnums=(0, 1, 2))(*a[:3])
+    if platform == "gpu":  # forward + one backward kernel
+        text = export.export(jax.jit(fused_grads), platforms=[target],
+                             disabled_checks=checks)(q, k, k, mask).mlir_module()
+        assert text.count("custom_call @") == 2
+    else:
+        with pytest.raises(ValueError, match="Mosaic TPU has none"):
+            export.export(jax.jit(fused_grads), platforms=[target],
+                          disabled_checks=checks)(q, k, k, mask)
 
 
 def test_pallas_backend_in_dispatch_and_model():

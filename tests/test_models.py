@@ -167,9 +167,14 @@ def test_remat_gives_the_same_gradients(family):
                              variables)
     loss = lambda m: lambda v: jnp.mean(m.apply(v, x, t, cond) ** 2)
     g_ref = jax.jit(jax.grad(loss(model)))(variables)
-    cfg.model.remat = True
-    g = jax.jit(jax.grad(loss(build_model(cfg))))(variables)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, g_ref)
+    for policy in ("full", "dots"):
+        cfg.model.remat = policy
+        g = jax.jit(jax.grad(loss(build_model(cfg))))(variables)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                     g, g_ref)
+    cfg.model.remat = "everything"
+    with pytest.raises(ValueError, match="model.remat='everything'"):
+        build_model(cfg)
 
 
 def test_attention_backend_dispatch():
@@ -189,3 +194,19 @@ def test_attention_backend_dispatch():
     cfg.model.attn_impl = "flash3"
     with pytest.raises(ValueError, match="Unknown attention backend"):
         build_model(cfg)
+
+
+def test_auto_attention_backend_choice(monkeypatch):
+    """``auto`` on a GPU: cuDNN where it can, Pallas for what cuDNN refuses, XLA elsewhere."""
+    from jaxdit.kernels import dispatch
+    bf16 = lambda d, h=4: jax.ShapeDtypeStruct((2, 16, h, d), jnp.bfloat16)
+    seg = (jnp.zeros((2, 16), jnp.int32),) * 2
+    assert dispatch.auto_backend(bf16(64), bf16(64), bf16(64)) == "xla"  # CPU here
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    assert dispatch.auto_backend(bf16(64), bf16(64), bf16(64)) == "cudnn"
+    assert dispatch.auto_backend(bf16(108), bf16(108), bf16(108)) == "pallas"  # not 8k
+    assert dispatch.auto_backend(bf16(64), bf16(64), bf16(64), seg) == "pallas"
+    f32 = jax.ShapeDtypeStruct((2, 16, 4, 64), jnp.float32)
+    assert dispatch.auto_backend(f32, f32, f32) == "pallas"
+    big = jax.ShapeDtypeStruct((2, 16, 4, 320), jnp.bfloat16)
+    assert dispatch.auto_backend(big, big, big) == "xla"  # neither fast backend

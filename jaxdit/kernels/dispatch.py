@@ -5,8 +5,10 @@
   bf16/fp16, head dim a multiple of 8 up to 128).
 * ``pallas``: jaxdit's flash-attention kernels (:mod:`jaxdit.kernels.flash_attention`):
   Triton on GPU, Mosaic on TPU, interpret mode on CPU (slow; for tests).
-* ``auto``: cuDNN where it supports the call, else XLA. The Pallas kernel joins ``auto``
-  once measured faster than these on a platform (``tools/bench_attention.py``).
+* ``auto``, from the H100 measurements in ``docs/performance.md``: on NVIDIA GPUs cuDNN
+  where it supports the call (fastest at 1k-4k tokens), else the Pallas kernel (1.4-3.6x
+  faster than XLA: head dims cuDNN refuses, packed segment ids, fp32), else XLA; XLA on
+  CPU and TPU (the Mosaic kernel is not timed on a TPU yet).
 
 An explicitly requested backend that cannot run the call raises ``ValueError`` saying why;
 only ``auto`` falls back.
@@ -36,6 +38,15 @@ def cudnn_unsupported_reason(q, k) -> str | None:
     return None
 
 
+def auto_backend(q, k, v, segment_ids=None) -> str:
+    """The backend ``auto`` picks for this call (see the module docstring)."""
+    if jax.default_backend() != "gpu":
+        return "xla"
+    if segment_ids is None and cudnn_unsupported_reason(q, k) is None:
+        return "cudnn"
+    return "xla" if pallas_flash.unsupported_reason(q, k, v) else "pallas"
+
+
 def check_backend(impl: str) -> None:
     if impl not in BACKENDS:
         raise ValueError(f"Unknown attention backend {impl!r}; available: {BACKENDS}.")
@@ -47,7 +58,7 @@ def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None 
     ``segment_ids`` None or ``(q_ids (B, S), kv_ids (B, T))`` (xla and pallas only)."""
     check_backend(impl)
     if impl == "auto":
-        impl = "xla" if segment_ids is not None or cudnn_unsupported_reason(q, k) else "cudnn"
+        impl = auto_backend(q, k, v, segment_ids)
     if impl == "xla":
         return xla_attention(q, k, v, key_mask, scale, segment_ids)
     if impl == "pallas":

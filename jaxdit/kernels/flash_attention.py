@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas.triton import atomic_add
 
 NEG_INF = -1e30  # finite, so fully masked blocks never compute inf - inf
 BIG = 1e30
@@ -39,11 +40,39 @@ BIG = 1e30
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Query/key block sizes of the forward and backward kernels (powers of two >= 16)."""
+    """Query/key block sizes of the forward and backward kernels (powers of two >= 16), and
+    the Triton launch settings (GPU only; ignored elsewhere)."""
     block_q: int = 128
     block_k: int = 128
     block_q_bwd: int = 64
     block_k_bwd: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    # Backward in one kernel: the dK/dV kernel also adds its share of dQ into an fp32
+    # buffer with atomics (GPU only), instead of a second kernel that recomputes the
+    # scores for dQ (5 instead of 7 block matmuls).
+    fused_bwd: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "BlockSizes":
+        """``"bq,bk,bq_bwd,bk_bwd[,warps[,stages[,fused]]]"``, e.g. ``"128,64,64,64,4,3,1"``."""
+        try:
+            values = [int(x) for x in text.split(",")]
+            if len(values) == 7:
+                values[6] = bool(values[6])
+            return cls(*values)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"Block sizes {text!r}: want 4 to 7 comma-separated ints (bq, bk, "
+                             "bq_bwd, bk_bwd[, num_warps[, num_stages[, fused_bwd 0/1]]]).") from e
+
+    def label(self) -> str:
+        return (f"{self.block_q}x{self.block_k}/{self.block_q_bwd}x{self.block_k_bwd}"
+                f" w{self.num_warps}s{self.num_stages}{' fused' if self.fused_bwd else ''}")
+
+
+# Per-platform defaults. GPU: the best all-round setting of the H100 sweep in
+# docs/performance.md (64x64 blocks, 4 warps, 2 stages); TPU: its 128-lane width (untimed).
+DEFAULT_BLOCKS = {"gpu": BlockSizes(64, 64, 64, 64, 4, 2), "tpu": BlockSizes(128, 128, 128, 128)}
 
 
 def _pow2_at_least(n: int, floor: int = 16) -> int:
@@ -120,8 +149,14 @@ def _dq_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_r
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, dk_ref,
-                dv_ref, *, scale, block_q):
+def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref, *out_refs,
+                scale, block_q, fused):
+    """dK, dV of one key block of one KV head; with ``fused`` also adds this block's share
+    of dQ into the fp32 ``dq`` buffer (aliased with a zeros input) with atomics."""
+    if fused:
+        _, dk_ref, dv_ref, dq_ref = out_refs  # the aliased zeros input ref comes first
+    else:
+        dk_ref, dv_ref = out_refs
     k, v, kseg = k_ref[...], v_ref[...], kseg_ref[...]  # kseg (1, bk)
     rep, s_len, _ = q_ref.shape
 
@@ -141,6 +176,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_
         ds = p * (dp - delta)
         dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, (((0,), (0,)), ((), ())),
                                       preferred_element_type=jnp.float32)
+        if fused:
+            dq = jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * scale
+            atomic_add(dq_ref, (jnp.int32(r), pl.ds(start, block_q), slice(None)), dq)
         return dk, dv
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
@@ -155,22 +193,23 @@ def _dkv_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_
 # Arrays here are head-major and padded: q (B, H, S, D), k/v (B, Hkv, T, D), query segment
 # ids (B, S, 1), key segment ids (B, 1, T), row statistics (B, H, S, 1).
 
-def _compiler_params(platform: str):
+def _compiler_params(platform: str, blocks: BlockSizes):
     """Grid programs write disjoint blocks: parallel on TPU; Triton settings on GPU."""
     if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
         return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
     if platform in ("gpu", "cuda", "rocm"):
         from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
-        return plgpu.CompilerParams(num_warps=4, num_stages=2)
+        return plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     return None
 
 
-def _call(kernel, name, grid, in_specs, out_specs, out_shape, cfg):
+def _call(kernel, name, grid, in_specs, out_specs, out_shape, blocks, cfg, aliases=None):
     platform, interpret = cfg
+    params = None if interpret else _compiler_params(platform, blocks)
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
                           out_shape=out_shape, interpret=interpret, name=name,
-                          compiler_params=None if interpret else _compiler_params(platform))
+                          compiler_params=params, input_output_aliases=aliases or {})
 
 
 def _forward(q, k, v, qseg, kseg, scale, blocks: BlockSizes, cfg):
@@ -187,7 +226,7 @@ def _forward(q, k, v, qseg, kseg, scale, blocks: BlockSizes, cfg):
         [pl.BlockSpec((None, None, bq, d), lambda i, j, n: (i, j, n, 0)),
          pl.BlockSpec((None, None, bq, 1), lambda i, j, n: (i, j, n, 0))],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
-        cfg)(q, k, v, qseg, kseg)
+        blocks, cfg)(q, k, v, qseg, kseg)
 
 
 def _backward(q, k, v, qseg, kseg, o, lse, do, scale, blocks: BlockSizes, cfg):
@@ -196,28 +235,35 @@ def _backward(q, k, v, qseg, kseg, o, lse, do, scale, blocks: BlockSizes, cfg):
     rep = h // hkv
     bq, bk = blocks.block_q_bwd, blocks.block_k_bwd
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
-    q_spec = pl.BlockSpec((None, None, bq, d), lambda i, j, n: (i, j, n, 0))
     kv_full = pl.BlockSpec((None, None, t, d), lambda i, j, n: (i, j // rep, 0, 0))
+    group = pl.BlockSpec((None, rep, s, d), lambda i, g, n: (i, g, 0, 0))
+    group_rows = pl.BlockSpec((None, rep, s, 1), lambda i, g, n: (i, g, 0, 0))
+    kv_block = pl.BlockSpec((None, None, bk, d), lambda i, g, n: (i, g, n, 0))
+    args = [q, k, v, qseg, kseg, do, lse, delta]
+    in_specs = [group, kv_block, kv_block, pl.BlockSpec((None, s, 1), lambda i, g, n: (i, 0, 0)),
+                pl.BlockSpec((None, 1, bk), lambda i, g, n: (i, 0, n)), group, group_rows,
+                group_rows]
+    out_specs = [kv_block, kv_block]
+    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)]
+    if blocks.fused_bwd:
+        outs = _call(functools.partial(_dkv_kernel, scale=scale, block_q=bq, fused=True),
+                     "flash_attention_bwd_fused", (b, hkv, t // bk), in_specs + [group],
+                     out_specs + [group],
+                     out_shape + [jax.ShapeDtypeStruct(q.shape, jnp.float32)], blocks, cfg,
+                     aliases={len(args): 2})(*args, jnp.zeros(q.shape, jnp.float32))
+        dk, dv, dq = outs
+        return dq.astype(q.dtype), dk, dv
+    dk, dv = _call(functools.partial(_dkv_kernel, scale=scale, block_q=bq, fused=False),
+                   "flash_attention_dkv", (b, hkv, t // bk), in_specs, out_specs, out_shape,
+                   blocks, cfg)(*args)
+    q_spec = pl.BlockSpec((None, None, bq, d), lambda i, j, n: (i, j, n, 0))
     row_spec = pl.BlockSpec((None, None, bq, 1), lambda i, j, n: (i, j, n, 0))
     dq = _call(
         functools.partial(_dq_kernel, scale=scale, block_k=bk), "flash_attention_dq",
         (b, h, s // bq),
         [q_spec, kv_full, kv_full, pl.BlockSpec((None, bq, 1), lambda i, j, n: (i, n, 0)),
          pl.BlockSpec((None, 1, t), lambda i, j, n: (i, 0, 0)), q_spec, row_spec, row_spec],
-        q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), cfg)(q, k, v, qseg, kseg, do, lse,
-                                                              delta)
-
-    group = pl.BlockSpec((None, rep, s, d), lambda i, g, n: (i, g, 0, 0))
-    group_rows = pl.BlockSpec((None, rep, s, 1), lambda i, g, n: (i, g, 0, 0))
-    kv_block = pl.BlockSpec((None, None, bk, d), lambda i, g, n: (i, g, n, 0))
-    dk, dv = _call(
-        functools.partial(_dkv_kernel, scale=scale, block_q=bq), "flash_attention_dkv",
-        (b, hkv, t // bk),
-        [group, kv_block, kv_block, pl.BlockSpec((None, s, 1), lambda i, g, n: (i, 0, 0)),
-         pl.BlockSpec((None, 1, bk), lambda i, g, n: (i, 0, n)), group, group_rows, group_rows],
-        [kv_block, kv_block],
-        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        cfg)(q, k, v, qseg, kseg, do, lse, delta)
+        q_spec, jax.ShapeDtypeStruct(q.shape, q.dtype), blocks, cfg)(*args)
     return dq, dk, dv
 
 
@@ -256,6 +302,12 @@ def unsupported_reason(q, k, v) -> str | None:
     return None
 
 
+def _check_blocks(blocks: BlockSizes, platform: str) -> None:
+    if blocks.fused_bwd and platform == "tpu":
+        raise ValueError("BlockSizes(fused_bwd=True) needs atomics (GPU, or CPU interpret); "
+                         "Mosaic TPU has none: use fused_bwd=False there.")
+
+
 def _segments(b: int, s: int, t: int, key_mask, segment_ids):
     """Query and key segment ids (B, S), (B, T) int32 with masked keys set to -1 (the one
     masking mechanism of the kernels). User segment ids must be >= 0."""
@@ -281,15 +333,16 @@ def flash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float | 
 
     ``interpret=None`` runs the kernels compiled on GPU/TPU and interpreted on CPU;
     ``platform`` (default: the default backend) picks the lowering ("gpu": Triton, "tpu":
-    Mosaic), e.g. to export for another platform. ``blocks`` default: 128 on TPU (its lane
-    width), else :class:`BlockSizes`.
+    Mosaic), e.g. to export for another platform. ``blocks`` default:
+    :data:`DEFAULT_BLOCKS` of the platform, else :class:`BlockSizes`.
     """
     platform = platform or jax.default_backend()
     if blocks is None:
-        blocks = BlockSizes(128, 128, 128, 128) if platform == "tpu" else BlockSizes()
+        blocks = DEFAULT_BLOCKS.get(platform, BlockSizes())
     reason = unsupported_reason(q, k, v)
     if reason:
         raise ValueError(f"Pallas flash attention: {reason}.")
+    _check_blocks(blocks, platform)
     if interpret is None:
         interpret = platform == "cpu"
     b, s, h, d = q.shape
@@ -300,7 +353,8 @@ def flash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float | 
     bq_b, bk_b = _fit(blocks.block_q_bwd, s), _fit(blocks.block_k_bwd, t)
     s_pad = _round_up(s, max(bq_f, bq_b))
     t_pad = _round_up(t, max(bk_f, bk_b))
-    fitted = BlockSizes(bq_f, bk_f, bq_b, bk_b)
+    fitted = dataclasses.replace(blocks, block_q=bq_f, block_k=bk_f, block_q_bwd=bq_b,
+                                 block_k_bwd=bk_b)
 
     def head_major(x, length):
         x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))

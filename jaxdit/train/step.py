@@ -139,20 +139,27 @@ def train_step(state: TrainState, batch, *, model, autoencoder, tx, schedule, cf
             body, (zeros, state.model_state), (micro, keys))
         loss, aux, grads = jax.tree.map(lambda x: x / num_micro, (loss, aux, grads))
 
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    decay = jnp.asarray(cfg.optim.ema_decay, jnp.float32)
-    if cfg.optim.ema_warmup:
-        step = state.step.astype(jnp.float32)
-        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    def apply_update(_):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        decay = jnp.asarray(cfg.optim.ema_decay, jnp.float32)
+        if cfg.optim.ema_warmup:
+            step = state.step.astype(jnp.float32)
+            decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+        ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+        return params, ema, opt_state, model_state
+
+    def keep_state(_):
+        return state.params, state.ema_params, state.opt_state, state.model_state
+
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if cfg.optim.get("skip_nonfinite", True):  # keep the old values on a NaN/Inf step
-        params, ema, opt_state, model_state = jax.tree.map(
-            lambda new, old: jnp.where(finite, new, old),
-            (params, ema, opt_state, model_state),
-            (state.params, state.ema_params, state.opt_state, state.model_state))
+    if cfg.optim.get("skip_nonfinite", True):  # a NaN/Inf step keeps the old values; a
+        # conditional, not a select over the whole state (an extra pass over it each step)
+        params, ema, opt_state, model_state = jax.lax.cond(finite, apply_update, keep_state,
+                                                           None)
+    else:
+        params, ema, opt_state, model_state = apply_update(None)
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state, model_state=model_state, rng=rng)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),

@@ -8,10 +8,10 @@ Shapes: ``[text | image]`` self-attention, ``text_tokens`` (default 128) plus ea
 ``image_tokens``, ``width / head_dim`` heads (``kv_heads`` for GQA), bf16, a key mask that
 hides a quarter of the text (padding). FLOPs counted as non-causal attention:
 forward ``4 B H S^2 D`` (QK^T and PV), forward+backward 3.5x that (the backward recomputes
-the scores: 2.5x the forward), whatever the backend actually executes. Peak memory is the
-device's ``peak_bytes_in_use`` after each case (reset per process is not available, so
-each backend/shape runs in order of increasing size; "n/a" where the platform has no
-memory stats). Backends that cannot run a case print why (e.g. cuDNN without a GPU, Pallas
+the scores: 2.5x the forward), whatever the backend actually executes. Times are the median
+of 5 rounds of ``--iters`` calls. Memory is the compiled forward+backward's scratch
+(``memory_analysis().temp_size_in_bytes``: what it needs beyond inputs and outputs, where
+materialised S x S scores show up). Backends that cannot run a case print why (e.g. cuDNN without a GPU, Pallas
 on CPU where it only runs interpreted).
 """
 from __future__ import annotations
@@ -34,6 +34,9 @@ flags.DEFINE_integer("width", 1152, "Model width (heads = width / head_dim).")
 flags.DEFINE_integer("kv_heads", 0, "KV heads (0 = as many as query heads).")
 flags.DEFINE_integer("batch", 4, "Batch size.")
 flags.DEFINE_integer("iters", 10, "Timed iterations.")
+flags.DEFINE_multi_string("pallas_blocks", [], "Pallas block settings to sweep, one per "
+                          "flag (BlockSizes.parse: bq,bk,bq_bwd,bk_bwd[,warps[,stages]]); "
+                          "each runs as its own backend row. Empty: the default blocks.")
 flags.DEFINE_bool("allow_interpret", False, "Run Pallas interpreted on CPU (very slow).")
 
 
@@ -48,20 +51,29 @@ def skip_reason(backend, q, k):
 
 
 def timed(fn, *args):
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    start = time.perf_counter()
-    for _ in range(FLAGS.iters):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / FLAGS.iters
+    """Median over 5 rounds of ``iters`` back-to-back calls, after compile + warm-up."""
+    jax.block_until_ready(fn(*args))
+    rounds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(FLAGS.iters):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        rounds.append((time.perf_counter() - start) / FLAGS.iters)
+    return sorted(rounds)[2]
 
 
-def peak_gib():
-    stats = jax.devices()[0].memory_stats() or {}
-    return stats.get("peak_bytes_in_use", 0) / 2**30 if stats else None
+def temp_gib(fn, *args):
+    """Scratch memory the compiled executable needs beyond its inputs and outputs (where
+    the S x S scores of a non-fused backend live), or None if the platform does not say."""
+    try:
+        stats = fn.lower(*args).compile().memory_analysis()
+        return stats.temp_size_in_bytes / 2**30
+    except Exception:  # pylint: disable=broad-except
+        return None
 
 
-def run_case(backend, seq, head_dim):
+def run_case(backend, seq, head_dim, blocks=None):
     heads = FLAGS.width // head_dim
     kv = FLAGS.kv_heads or heads
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -74,16 +86,31 @@ def run_case(backend, seq, head_dim):
         return None, reason
 
     def fwd(q, k, v):
+        if blocks is not None:
+            return pallas_flash.flash_attention(q, k, v, mask, blocks=blocks)
         return dispatch.attention(q, k, v, mask, impl=backend)
 
     def loss(q, k, v):
         return fwd(q, k, v).astype(jnp.float32).sum()
 
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     t_fwd = timed(jax.jit(fwd), q, k, v)
-    t_bwd = timed(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), q, k, v)
+    t_bwd = timed(fwd_bwd, q, k, v)
     flops = 4.0 * FLAGS.batch * heads * seq * seq * head_dim
     return (flops / t_fwd / 1e12, 3.5 * flops / t_bwd / 1e12, t_fwd * 1e3, t_bwd * 1e3,
-            peak_gib()), None
+            temp_gib(fwd_bwd, q, k, v)), None
+
+
+def backend_rows():
+    """(label, backend, pallas blocks or None) for every row of a shape."""
+    rows = []
+    for backend in FLAGS.backends:
+        if backend == "pallas" and FLAGS.pallas_blocks:
+            rows += [(f"pallas {b.label()}", "pallas", b)
+                     for b in map(pallas_flash.BlockSizes.parse, FLAGS.pallas_blocks)]
+        else:
+            rows.append((backend, backend, None))
+    return rows
 
 
 def main(_):
@@ -91,26 +118,26 @@ def main(_):
           f"{jax.__version__}, batch {FLAGS.batch}, width {FLAGS.width}, bf16, "
           f"{FLAGS.text_tokens} text tokens")
     header = ("| tokens | head dim | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | "
-              "fwd+bwd TFLOP/s | peak GiB | vs xla (fwd+bwd) |")
+              "fwd+bwd TFLOP/s | fwd+bwd scratch GiB | vs xla (fwd+bwd) |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for n in sorted(int(x) for x in FLAGS.image_tokens):
         seq = n + FLAGS.text_tokens
         for d in (int(x) for x in FLAGS.head_dims):
             base = None
-            for backend in FLAGS.backends:
+            for label, backend, blocks in backend_rows():
                 try:
-                    res, reason = run_case(backend, seq, d)
+                    res, reason = run_case(backend, seq, d, blocks)
                 except Exception as e:  # pylint: disable=broad-except
                     res, reason = None, f"failed: {type(e).__name__}: {str(e)[:120]}"
                 if res is None:
-                    print(f"| {n} | {d} | {backend} | n/a: {reason} | | | | | |")
+                    print(f"| {n} | {d} | {label} | n/a: {reason} | | | | | |", flush=True)
                     continue
                 tf_f, tf_b, ms_f, ms_b, peak = res
                 base = ms_b if backend == "xla" else base
                 ratio = f"{base / ms_b:.2f}x" if base else ""
-                mem = f"{peak:.2f}" if peak is not None else "n/a"
-                print(f"| {n} | {d} | {backend} | {ms_f:.2f} | {tf_f:.1f} | {ms_b:.2f} | "
+                mem = f"{peak:.3f}" if peak is not None else "n/a"
+                print(f"| {n} | {d} | {label} | {ms_f:.2f} | {tf_f:.1f} | {ms_b:.2f} | "
                       f"{tf_b:.1f} | {mem} | {ratio} |", flush=True)
 
 

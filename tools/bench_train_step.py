@@ -7,7 +7,8 @@ the measurement:
   python tools/bench_train_step.py --config experiments/dit_air.py:XL --batch 64
 
 FLOP counting (stated so numbers are comparable): model FLOPs per step =
-``6 * (matmul params touched per token) * tokens`` for the dense layers, plus
+``6 * (matmul params touched per token) * tokens`` for the dense layers (block weights;
+AdaLN modulation runs once per sample and is not counted), plus
 ``12 * layers * S^2 * width`` per sample for attention (QK^T and PV, forward 4 S^2 d, x3
 for forward + backward), non-causal, no recompute counted. MFU = model FLOPs / (step time
 * peak); the peak is given with ``--peak_tflops`` (default: 989 = H100 SXM dense bf16).
@@ -35,16 +36,83 @@ flags.DEFINE_integer("text_len", 128, "Text tokens per sample.")
 flags.DEFINE_float("peak_tflops", 989.0, "Accelerator peak TFLOP/s for MFU.")
 flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
 flags.DEFINE_string("optim", "adafactor", "Optimizer.")
-flags.DEFINE_bool("remat", True, "Rematerialise blocks.")
-flags.DEFINE_string("attn_impl", "xla", "Attention backend: xla | cudnn | auto.")
+flags.DEFINE_string("remat", "full", "Block rematerialisation: none | full | dots.")
+flags.DEFINE_string("attn_impl", "xla", "Attention backend: xla | cudnn | pallas | auto.")
+flags.DEFINE_integer("profile_top", 0, "If > 0: trace 3 steps and print the N device "
+                     "kernels that take the most time per step, and time per kernel class.")
 flags.mark_flags_as_required(["config"])
+
+KERNEL_CLASSES = (  # first match wins; names as cuBLAS/cuDNN/XLA/Triton print them
+    ("attention (cuDNN)", ("fmha", "flash", "cudnn")),
+    ("attention (Pallas)", ("flash_attention",)),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "matmul", "dot")),
+    ("reduction fusion", ("reduce", "input_")),
+    ("collective/copy", ("nccl", "memcpy", "copy", "transpose")),
+    ("elementwise fusion", ("fusion", "loop_", "convert", "add", "multiply")),
+)
+
+
+def kernel_class(name: str) -> str:
+    low = name.lower()
+    for label, keys in KERNEL_CLASSES:
+        if any(k in low for k in keys):
+            return label
+    return "other"
+
+
+def hlo_shapes(compiled) -> dict:
+    """Kernel name (HLO instruction name, '.' -> '_') -> its result shape, from the
+    optimized HLO, to tell activation-sized kernels from parameter-sized ones."""
+    import re  # pylint: disable=import-outside-toplevel
+    shapes = {}
+    for m in re.finditer(r"%([\w.\-]+) = (\S+(?: \S+)??) (?:fusion|custom-call)\(",
+                         compiled.as_text()):
+        shapes.setdefault(m.group(1).replace(".", "_").replace("-", "_"), m.group(2))
+    return shapes
+
+
+def profile(compiled, state, batch, top: int, steps: int = 3):
+    """Trace ``steps`` steps; print the top kernels of the accelerator streams per step."""
+    import collections, glob, os, tempfile  # pylint: disable=import-outside-toplevel,multiple-imports
+    from jax.profiler import ProfileData  # pylint: disable=import-outside-toplevel
+    logdir = tempfile.mkdtemp(prefix="jaxdit_profile_")
+    with jax.profiler.trace(logdir):
+        for _ in range(steps):
+            state, m = compiled(state, batch)
+        jax.block_until_ready(m)
+    path = glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0]
+    per_kernel, lines = collections.Counter(), collections.Counter()
+    for plane in ProfileData.from_file(path).planes:
+        if not plane.name.startswith("/device:"):
+            continue
+        for line in plane.lines:
+            total = sum(ev.duration_ns for ev in line.events)
+            lines[f"{plane.name} {line.name}"] += total
+            if line.name.startswith("Stream"):
+                for ev in line.events:
+                    per_kernel[ev.name] += ev.duration_ns
+    print("device lines (ms/step): " + ", ".join(
+        f"{k} {v / steps / 1e6:.1f}" for k, v in lines.most_common(8)))
+    busy = max(sum(per_kernel.values()) / steps / 1e6, 1e-9)
+    classes = collections.Counter()
+    for name, ns in per_kernel.items():
+        classes[kernel_class(name)] += ns
+    print(f"kernel time {busy:.1f} ms/step; by class: " + ", ".join(
+        f"{k} {v / steps / 1e6:.1f} ms ({v / steps / 1e6 / busy:.0%})"
+        for k, v in classes.most_common()))
+    shapes = hlo_shapes(compiled)
+    print("| kernel | ms/step | share | class | HLO result |\n|---|---|---|---|---|")
+    for name, ns in per_kernel.most_common(top):
+        ms = ns / steps / 1e6
+        print(f"| {name[:80]} | {ms:.2f} | {ms / busy:.1%} | {kernel_class(name)} | "
+              f"{shapes.get(name, '')[:60]} |")
 
 
 def model_flops(config, params_in_blocks: int, batch: int) -> float:
     m = config.model
     grid = config.data.image_size // config.latent.downsample // m.patch_size
     img_tokens = grid * grid
-    text = config.text.max_len
+    text = config.text.max_len if config.text.kind != "none" else 0
     seq = img_tokens + (text if m.family != "pixart" else 0)
     dense = 6.0 * params_in_blocks * seq * batch
     attn = 12.0 * m.depth * seq * seq * m.width * batch
@@ -60,17 +128,23 @@ def main(argv):
     size = cfg.data.image_size // max(cfg.latent.downsample, 1)
     cfg.latent.update(kind="identity", downsample=1)
     cfg.data.image_size = size
-    cfg.text.update(kind="precomputed", max_len=FLAGS.text_len)
+    class_conditional = cfg.text.kind == "none"
+    if not class_conditional:
+        cfg.text.update(kind="precomputed", max_len=FLAGS.text_len)
     cfg.model.update(dtype=FLAGS.dtype, remat=FLAGS.remat, attn_impl=FLAGS.attn_impl)
     cfg.optim.update(name=FLAGS.optim)
     cfg.train.batch_size = FLAGS.batch
     exp = Experiment(cfg)
     rng = np.random.default_rng(0)
     b, c = FLAGS.batch, cfg.latent.channels
-    host = {"image": rng.normal(size=(b, size, size, c)).astype(np.float32),
-            "text_tokens": rng.normal(size=(b, FLAGS.text_len, cfg.text.width)).astype(np.float32),
-            "text_mask": np.ones((b, FLAGS.text_len), bool),
-            "text_pooled": rng.normal(size=(b, cfg.text.width)).astype(np.float32)}
+    host = {"image": rng.normal(size=(b, size, size, c)).astype(np.float32)}
+    if class_conditional:
+        host["label"] = rng.integers(0, cfg.model.num_classes, size=b).astype(np.int32)
+    else:
+        host.update(
+            text_tokens=rng.normal(size=(b, FLAGS.text_len, cfg.text.width)).astype(np.float32),
+            text_mask=np.ones((b, FLAGS.text_len), bool),
+            text_pooled=rng.normal(size=(b, cfg.text.width)).astype(np.float32))
     with exp.context():
         state = exp.create_state()
         batch = exp.to_global(host)
@@ -93,11 +167,14 @@ def main(argv):
             state, m = compiled(state, batch)
         jax.block_until_ready(m)
         dt = (time.perf_counter() - t0) / FLAGS.steps
+        if FLAGS.profile_top:
+            profile(compiled, state, batch, FLAGS.profile_top)
     params = count_params(state.params)
     flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
-    def in_block(path):  # params under denoiser/<block_i | shared_block | shared_attn>
-        names = [str(getattr(k, "key", "")) for k in path]
-        return any(n.startswith(("block_", "shared_")) for n in names)
+    def in_block(path):  # per-token matmuls: under <block_i | shared_block | shared_attn>,
+        names = [str(getattr(k, "key", "")) for k in path]  # not the per-sample AdaLN
+        return (any(n.startswith(("block_", "shared_")) for n in names)
+                and not any(n.startswith("adaln") for n in names))
 
     block_matmul = sum(int(np.prod(a.shape)) for p, a in flat if a.ndim >= 2 and in_block(p))
     if cfg.model.share == "full":
@@ -106,7 +183,8 @@ def main(argv):
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} | config "
           f"{cfg.model.family} depth={cfg.model.depth} width={cfg.model.width} "
           f"share={cfg.model.share} | params {params / 1e6:.1f}M | batch {b} | "
-          f"{size}x{size}x{c} latent, patch {cfg.model.patch_size}, text {FLAGS.text_len} | "
+          f"{size}x{size}x{c} latent, patch {cfg.model.patch_size}, "
+          f"{'class labels' if class_conditional else f'text {FLAGS.text_len}'} | "
           f"{FLAGS.dtype}, remat={FLAGS.remat}, {FLAGS.optim}, attn={FLAGS.attn_impl}")
     print(f"compile {compile_s:.1f}s | step {dt * 1e3:.1f} ms | {b / dt:.1f} img/s | "
           f"model {flops / dt / 1e12:.1f} TFLOP/s | MFU {flops / dt / 1e12 / FLAGS.peak_tflops:.1%}"

@@ -13,7 +13,6 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdit.parallel.mesh import LOGICAL_RULES
@@ -42,14 +41,27 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules=LOGICAL_RULES):
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def opt_state_shardings(tx, abstract_opt_state, abstract_params, param_sh, mesh: Mesh):
-    """Optimizer-state leaves shaped like their parameter share its sharding; any other
-    leaf (counts, factored row/column statistics) is replicated."""
+def _path_keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, param_sh, mesh: Mesh):
+    """Optimizer-state leaves that mirror a parameter (their key path ends with the
+    parameter's full path and the shapes agree: Adam moments, momentum) share its sharding;
+    any other leaf (counts, factored row/column statistics) is replicated. Matching by path
+    holds through any optax wrapper (chains, masks, multi_transform)."""
     rep = NamedSharding(mesh, P())
-    return optax.tree_map_params(
-        tx, lambda leaf, p, s: s if leaf.shape == p.shape else rep,
-        abstract_opt_state, abstract_params, param_sh,
-        transform_non_params=lambda _: rep)
+    by_path = {_path_keys(path): (leaf.shape, sh) for (path, leaf), sh in zip(
+        jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_sh))}
+
+    def pick(path, leaf):
+        keys = _path_keys(path)
+        for i in range(len(keys)):
+            hit = by_path.get(keys[i:])
+            if hit is not None and hit[0] == leaf.shape:
+                return hit[1]
+        return rep
+    return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
 def state_shardings(init_variables: Callable, tx, mesh: Mesh,
@@ -67,7 +79,7 @@ def state_shardings(init_variables: Callable, tx, mesh: Mesh,
     rep = NamedSharding(mesh, P())
     others = strip_boxes({k: v for k, v in abstract.items() if k != "params"})
     return TrainState(step=rep, params=p_sh, ema_params=p_sh,
-                      opt_state=opt_state_shardings(tx, jax.eval_shape(tx.init, abs_params),
+                      opt_state=opt_state_shardings(jax.eval_shape(tx.init, abs_params),
                                                     abs_params, p_sh, mesh),
                       model_state=jax.tree.map(lambda _: rep, others), rng=rep)
 

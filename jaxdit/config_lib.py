@@ -53,7 +53,11 @@ def base_config() -> ml_collections.ConfigDict:
         plr_weight=0.1, similarity_weight=0.01, balance_weight=0.0, topk_bits=4,
         topk_method="radix", expert_impl="auto"))
     c.text = ml_collections.ConfigDict(dict(
-        kind="trainable", vocab_size=0, max_len=16, width=128, depth=2, num_heads=4))
+        kind="trainable", vocab_size=0, max_len=16, width=128, depth=2, num_heads=4,
+        # text.kind="pretrained": a local encoder folder (or "minilm"), which hidden states
+        # to use (0 = embeddings, -1 = last; several are concatenated and projected) and the
+        # projection width (0 = the encoder's width).
+        path="", layers=(-1,), proj_width=0))
     c.latent = ml_collections.ConfigDict(dict(kind="identity", channels=3, downsample=1))
 
     c.data = ml_collections.ConfigDict(dict(

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxdit.data import buckets, prompts, shapes
 from jaxdit.data.sources import ImageFolderSource, TfdsSource
-from jaxdit.data.tokenizer import WordTokenizer
+from jaxdit.data.tokenizer import HFTokenizer, WordTokenizer
 
 SOURCES = ("shapes", "folder", "tfds")
 
@@ -58,9 +58,14 @@ def make_source(data_cfg, split: str, sizes=None):
     raise ValueError(f"Unknown data.source {kind!r}; available: {SOURCES}.")
 
 
-def make_tokenizer(data_cfg) -> WordTokenizer:
-    """Vocabulary of the shapes grammar, the configured system prompts and
+def make_tokenizer(config):
+    """The pretrained encoder's own tokenizer (``text.kind='pretrained'``), else a
+    :class:`WordTokenizer` over the shapes grammar, the configured system prompts and
     ``data.extra_vocab`` (space separated words)."""
+    if config.text.kind == "pretrained":
+        from jaxdit.models.text import text_encoder_dir  # pylint: disable=import-outside-toplevel
+        return HFTokenizer(str(text_encoder_dir(config.text.path) / "tokenizer.json"))
+    data_cfg = config.data
     words = prompts.prompt_words(data_cfg.system_prompt, data_cfg.sample_system_prompt)
     return WordTokenizer(list(shapes.VOCAB) + words + data_cfg.get("extra_vocab", "").split())
 
@@ -69,7 +74,7 @@ class Preprocess(grain.transforms.Map):
     """Record -> model-ready example (normalised image, token ids and mask, label); the
     caption gets the ``system_prompt`` template (:mod:`jaxdit.data.prompts`)."""
 
-    def __init__(self, tokenizer: WordTokenizer, max_len: int, system_prompt: str = ""):
+    def __init__(self, tokenizer, max_len: int, system_prompt: str = ""):
         self.tokenizer, self.max_len = tokenizer, max_len
         self.system_prompt = system_prompt
         prompts.system_prompt(system_prompt)  # fail early on an unknown name
@@ -97,7 +102,7 @@ def make_dataset(config, split: str, batch_size: int, *, process_index: int = 0,
         ds = ds.shuffle(seed=config.data.seed)
     if repeat:
         ds = ds.repeat(None)
-    ds = ds.map(Preprocess(make_tokenizer(config.data), config.text.max_len,
+    ds = ds.map(Preprocess(make_tokenizer(config), config.text.max_len,
                            config.data.system_prompt))
     if sizes:
         ds = ds.map(buckets.PackPatches(config.model.patch_size, packed_tokens(config)))

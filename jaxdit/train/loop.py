@@ -26,6 +26,7 @@ from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
 from jaxdit.models.registry import build_model, persistent_variables
+from jaxdit.models.text import load_pretrained_text, pretrained_text_width, with_pretrained_text
 from jaxdit.models.vae import make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_divisor, batch_sharding, make_mesh
 from jaxdit.train.checkpoint import Checkpointer, load_params
@@ -83,7 +84,7 @@ def example_inputs(config, batch: int = 1):
     n = config.text.max_len
     if config.text.kind == "none":
         cond = {"label": jnp.zeros((batch,), jnp.int32)}
-    elif config.text.kind == "trainable":
+    elif config.text.kind in ("trainable", "pretrained"):
         cond = {"text_ids": jnp.zeros((batch, n), jnp.int32),
                 "text_mask": jnp.ones((batch, n), bool)}
     else:
@@ -100,12 +101,15 @@ class Experiment:
         self.config = config
         self.mesh = make_mesh(dict(config.mesh), devices)
         validate_config(config, self.mesh)
-        self.tokenizer = make_tokenizer(config.data)
+        self.tokenizer = make_tokenizer(config)
         if config.text.kind == "trainable":
             config.text.vocab_size = self.tokenizer.vocab_size
+        if config.text.kind == "pretrained":
+            config.text.width = pretrained_text_width(config.text)
         self.model = build_model(config)
         self.autoencoder = make_autoencoder(config.latent)
-        self.tx, self.schedule = make_optimizer(config.optim, config.train.steps)
+        self.tx, self.schedule = make_optimizer(config.optim, config.train.steps,
+                                                frozen=config.text.kind == "pretrained")
         inputs = example_inputs(config)
         self.init_variables = lambda rng: persistent_variables(self.model.init(rng, *inputs))
 
@@ -115,8 +119,15 @@ class Experiment:
         return state_shardings(self.init_variables, self.tx, self.mesh)
 
     def create_state(self):
+        """A fresh TrainState; a pretrained text encoder's weights are read from its folder
+        and placed over the random init (params and EMA)."""
         state, _ = create_train_state(self.init_variables, self.tx, self.mesh, self.config.seed,
                                       shardings=self.state_sh)
+        if self.config.text.kind == "pretrained":
+            weights = load_pretrained_text(
+                self.config.text, state.params["text_encoder"]["frozen_encoder"])
+            state = state.replace(params=with_pretrained_text(state.params, weights),
+                                  ema_params=with_pretrained_text(state.ema_params, weights))
         return state
 
     def abstract_state(self):

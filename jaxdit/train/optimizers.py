@@ -90,8 +90,28 @@ def make_schedule(cfg, total_steps: int):
     return optax.constant_schedule(cfg.lr)
 
 
-def make_optimizer(cfg, total_steps: int):
-    """Returns ``(tx, schedule)`` for ``cfg.name`` in {adafactor, adamw}."""
+FROZEN_PREFIX = "frozen_"
+
+
+def frozen_labels(params):
+    """``"frozen"`` for every parameter under a module named ``frozen_*`` (pretrained
+    encoders), ``"train"`` elsewhere."""
+    def label(path, _):
+        names = [str(getattr(k, "key", "")) for k in path]
+        return "frozen" if any(n.startswith(FROZEN_PREFIX) for n in names) else "train"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg, total_steps: int, frozen: bool = False):
+    """Returns ``(tx, schedule)`` for ``cfg.name`` in {adafactor, adamw}. ``frozen``: leave
+    parameters under ``frozen_*`` modules unchanged (no update, no decay, no state)."""
+    tx, schedule = _make_optimizer(cfg, total_steps)
+    if frozen:
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels)
+    return tx, schedule
+
+
+def _make_optimizer(cfg, total_steps: int):
     if cfg.lr <= 0:
         raise ValueError(f"optim.lr must be > 0, got {cfg.lr}.")
     schedule = make_schedule(cfg, total_steps)

@@ -71,7 +71,7 @@ def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
     cond = condition_from_batch(batch)
     if cfg.data.caption_dropout > 0:
         keep = jax.random.uniform(k_drop, (b,)) >= cfg.data.caption_dropout
-        cond = {**cond, **drop_condition(cond, keep)}
+        cond = {**cond, **drop_condition(cond, keep, model.null_token_id)}
     variables = {"params": params, **model_state}
     shift = train_shift(cfg, x0)
     per_sample, t, noise, out = diffusion_branch(model, variables, x0, cond, k_main, cfg, shift)

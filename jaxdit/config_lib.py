@@ -67,7 +67,10 @@ def base_config() -> ml_collections.ConfigDict:
         tfds_caption_key="", extra_vocab="", system_prompt="", sample_system_prompt="",
         # Variable resolution (Lumina): images go to the nearest aspect-ratio bucket with at
         # most (image_size / patch)^2 patches and are packed as padded patch sequences.
-        aspect_buckets=False, bucket_max_ratio=2.0, bucket_filter=""))
+        aspect_buckets=False, bucket_max_ratio=2.0, bucket_filter="",
+        # data.source="cached": folders written by tools/cache_features.py (latents and
+        # text features); the text/latent settings are then taken from the cache.
+        cache_dir="", val_cache_dir=""))
     c.diffusion = ml_collections.ConfigDict(dict(
         t_sampling="logit_normal", t_mean=0.0, t_std=1.0, shift=1.0,
         # Lumina: shift = exp(mu), mu linear in the image token count through (256, 0.5) and

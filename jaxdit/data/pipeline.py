@@ -12,11 +12,11 @@ from __future__ import annotations
 import grain
 import numpy as np
 
-from jaxdit.data import buckets, prompts, shapes
+from jaxdit.data import buckets, cache, prompts, shapes
 from jaxdit.data.sources import ImageFolderSource, TfdsSource
 from jaxdit.data.tokenizer import HFTokenizer, WordTokenizer
 
-SOURCES = ("shapes", "folder", "tfds")
+SOURCES = ("shapes", "folder", "tfds", "cached")
 
 
 def packed_tokens(config) -> int:
@@ -48,6 +48,9 @@ def make_source(data_cfg, split: str, sizes=None):
         if not root:
             raise ValueError("data.source='folder' needs data.folder=<directory of images>.")
         return ImageFolderSource(root, data_cfg.image_size, sizes)
+    if kind == "cached":
+        return cache.CachedSource(data_cfg.cache_dir if split == "train"
+                                  else (data_cfg.val_cache_dir or data_cfg.cache_dir))
     if kind == "tfds":
         if not data_cfg.tfds_name:
             raise ValueError("data.source='tfds' needs data.tfds_name.")
@@ -102,8 +105,11 @@ def make_dataset(config, split: str, batch_size: int, *, process_index: int = 0,
         ds = ds.shuffle(seed=config.data.seed)
     if repeat:
         ds = ds.repeat(None)
-    ds = ds.map(Preprocess(make_tokenizer(config), config.text.max_len,
-                           config.data.system_prompt))
+    if config.data.source == "cached":  # features computed already: nothing to tokenize
+        ds = ds.map(cache.cached_example)
+    else:
+        ds = ds.map(Preprocess(make_tokenizer(config), config.text.max_len,
+                               config.data.system_prompt))
     if sizes:
         ds = ds.map(buckets.PackPatches(config.model.patch_size, packed_tokens(config)))
     return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)

@@ -31,3 +31,19 @@ def make_autoencoder(config):
     if kind == "identity":
         return IdentityAutoencoder(config.get("channels", 3))
     raise ValueError(f"Unknown autoencoder kind {kind!r}; available: 'identity'.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecomputedLatents:
+    """Batches already hold latents (``data.source=cached``): ``encode`` passes them
+    through; ``decode`` and ``latent_shape`` are those of the autoencoder that made them."""
+    base: object
+
+    def encode(self, latents):
+        return latents
+
+    def decode(self, latents):
+        return self.base.decode(latents)
+
+    def latent_shape(self, image_shape):
+        return self.base.latent_shape(image_shape)

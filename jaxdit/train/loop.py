@@ -22,12 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit.data import prompts, shapes
+from jaxdit.data.cache import CachedSource, configure_from_cache
 from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
 from jaxdit.models.registry import build_model, persistent_variables
 from jaxdit.models.text import load_pretrained_text, pretrained_text_width, with_pretrained_text
-from jaxdit.models.vae import make_autoencoder
+from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_divisor, batch_sharding, make_mesh
 from jaxdit.train.checkpoint import Checkpointer, load_params
 from jaxdit.train.metrics import MetricWriter, Progress
@@ -100,6 +101,8 @@ class Experiment:
     def __init__(self, config, devices=None):
         self.config = config
         self.mesh = make_mesh(dict(config.mesh), devices)
+        if config.data.source == "cached":  # text/latent settings come from the cache
+            configure_from_cache(config)
         validate_config(config, self.mesh)
         self.tokenizer = make_tokenizer(config)
         if config.text.kind == "trainable":
@@ -108,6 +111,8 @@ class Experiment:
             config.text.width = pretrained_text_width(config.text)
         self.model = build_model(config)
         self.autoencoder = make_autoencoder(config.latent)
+        if config.data.source == "cached":
+            self.autoencoder = PrecomputedLatents(self.autoencoder)
         self.tx, self.schedule = make_optimizer(config.optim, config.train.steps,
                                                 frozen=config.text.kind == "pretrained")
         inputs = example_inputs(config)
@@ -210,9 +215,29 @@ def sample_condition(exp: Experiment, captions=None, labels=None):
         labels = list(labels) if labels is not None else [i % cfg.model.num_classes
                                                           for i in range(n)]
         return label_names(cfg, labels), {"label": np.asarray(labels, np.int32)}
+    if cfg.text.kind == "precomputed":
+        return cached_condition(cfg, n, captions)
     captions = captions or validation_captions(cfg, n)
     prompted = [prompts.apply_template(c, cfg.data.sample_system_prompt) for c in captions]
     return captions, encode_captions(exp.tokenizer, prompted, cfg.text.max_len)
+
+
+def cached_condition(cfg, n: int, captions=None):
+    """Precomputed text features have no encoder to run: sample the first ``n`` validation
+    examples of the feature cache (their captions are in the cache)."""
+    if cfg.data.source != "cached":
+        raise ValueError("Sampling with text.kind='precomputed' takes its text features from "
+                         "a feature cache: set data.source='cached'.")
+    if captions:
+        raise ValueError("With cached text features, samples use the cache's validation "
+                         "captions; free captions need the text encoder (text.kind="
+                         "'pretrained').")
+    src = CachedSource(cfg.data.val_cache_dir or cfg.data.cache_dir)
+    recs = [src[i] for i in range(min(n, len(src)))]
+    keys = ("text_tokens", "text_mask", "text_pooled")
+    cond = {k: np.stack([r[k] for r in recs]).astype(np.float32 if k != "text_mask" else bool)
+            for k in keys}
+    return [r["caption"] for r in recs], cond
 
 
 def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None,

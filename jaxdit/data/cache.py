@@ -1,0 +1,143 @@
+"""Cached training features: latents and text-encoder outputs computed once
+(``tools/cache_features.py``) and read back as a data source (``data.source=cached``).
+
+A cache is a folder of ``.npy`` arrays with one row per example, memory-mapped when read:
+
+* ``latent`` (N, h, w, c) float32: the autoencoder's latents of the images;
+* ``text_tokens`` (N, L, D) float16, ``text_mask`` (N, L) bool, ``text_pooled`` (N, D)
+  float32: the frozen text encoder's outputs;
+* ``label`` (N,) int32, and ``captions.txt`` (one caption per line, for sample grids);
+* ``meta.json``: counts, shapes and what produced them (config of the encoder, source).
+
+Writing goes to ``<dir>.partial`` and is renamed into place at the end, so an interrupted
+run never leaves a cache that looks complete; reading checks every array against
+``meta.json`` and says what is wrong with a damaged one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+ARRAYS = {"latent": np.float32, "text_tokens": np.float16, "text_mask": np.bool_,
+          "text_pooled": np.float32, "label": np.int32}
+
+
+class CacheError(ValueError):
+    """A cache folder that is missing, incomplete or inconsistent."""
+
+
+class CacheWriter:
+    """Writes ``num`` examples batch by batch into ``out_dir`` (see the module docstring)."""
+
+    def __init__(self, out_dir: str, num: int, shapes: dict[str, tuple], meta: dict):
+        self.final = Path(out_dir)
+        self.tmp = Path(f"{out_dir}.partial")
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.num, self.meta, self.pos = num, meta, 0
+        self.arrays = {k: np.lib.format.open_memmap(self.tmp / f"{k}.npy", mode="w+",
+                                                    dtype=ARRAYS[k], shape=(num,) + shapes[k])
+                       for k in ARRAYS}
+        self.captions: list[str] = []
+
+    def add(self, batch: dict, captions: list[str]) -> None:
+        n = min(len(captions), self.num - self.pos)
+        for k, a in self.arrays.items():
+            a[self.pos:self.pos + n] = np.asarray(batch[k][:n]).astype(a.dtype)
+        self.captions += [c.replace("\n", " ") for c in captions[:n]]
+        self.pos += n
+
+    @property
+    def full(self) -> bool:
+        return self.pos >= self.num
+
+    def close(self) -> Path:
+        if not self.full:
+            raise CacheError(f"Only {self.pos} of {self.num} examples were written.")
+        for a in self.arrays.values():
+            a.flush()
+        del self.arrays
+        (self.tmp / "captions.txt").write_text("\n".join(self.captions) + "\n")
+        (self.tmp / "meta.json").write_text(json.dumps({**self.meta, "num": self.num}, indent=1))
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        return self.final
+
+
+def read_meta(cache_dir: str) -> dict:
+    path = Path(cache_dir) / "meta.json"
+    if not path.is_file():
+        raise CacheError(f"{cache_dir} is not a feature cache (no meta.json); write one with "
+                         "tools/cache_features.py.")
+    return json.loads(path.read_text())
+
+
+class CachedSource:
+    """Random-access source over a cache: records with ``image`` (the latent), the text
+    features, ``label`` and ``caption``."""
+
+    def __init__(self, cache_dir: str):
+        if not cache_dir:
+            raise CacheError("data.source='cached' needs data.cache_dir (and optionally "
+                             "data.val_cache_dir).")
+        self.dir = Path(cache_dir)
+        self.meta = read_meta(cache_dir)
+        n = self.meta["num"]
+        self.arrays = {}
+        for k, dtype in ARRAYS.items():
+            try:
+                a = np.load(self.dir / f"{k}.npy", mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raise CacheError(f"Cache {cache_dir}: cannot read {k}.npy ({e}).") from e
+            if a.shape[0] != n or a.dtype != dtype:
+                raise CacheError(f"Cache {cache_dir}: {k}.npy is {a.dtype}{list(a.shape)}, "
+                                 f"meta.json says {n} rows of {np.dtype(dtype)}.")
+            self.arrays[k] = a
+        self.captions = (self.dir / "captions.txt").read_text().splitlines()
+        if len(self.captions) != n:
+            raise CacheError(f"Cache {cache_dir}: {len(self.captions)} captions for {n} rows.")
+
+    def __len__(self):
+        return self.meta["num"]
+
+    def __repr__(self):
+        return f"CachedSource({str(self.dir)!r}, n={len(self)})"
+
+    def __getitem__(self, index: int) -> dict:
+        rec = {k: np.asarray(a[index]) for k, a in self.arrays.items()}
+        rec["image"] = rec.pop("latent")
+        rec["caption"] = self.captions[index]
+        return rec
+
+
+def cached_example(record: dict) -> dict:
+    """A cached record as a model-ready example (fp32 features; no tokenization)."""
+    return {"image": record["image"].astype(np.float32),
+            "text_tokens": record["text_tokens"].astype(np.float32),
+            "text_mask": record["text_mask"].astype(bool),
+            "text_pooled": record["text_pooled"].astype(np.float32),
+            "label": np.asarray(record["label"], np.int32)}
+
+
+def configure_from_cache(config) -> dict:
+    """Sets what the cache fixes (``text.kind='precomputed'``, text width and length, the
+    latent autoencoder and the pixel ``data.image_size``) from ``data.cache_dir``'s
+    ``meta.json``; returns the meta. A validation cache must have the same shapes."""
+    meta = read_meta(config.data.cache_dir)
+    if config.data.val_cache_dir:
+        val = read_meta(config.data.val_cache_dir)
+        for key in ("image_size", "latent", "text"):
+            if val[key] != meta[key]:
+                raise CacheError(f"data.val_cache_dir differs from data.cache_dir in {key}: "
+                                 f"{val[key]} != {meta[key]}.")
+    config.text.update(kind="precomputed", width=meta["text"]["width"],
+                       max_len=meta["text"]["max_len"])
+    config.latent.update(**meta["latent"])
+    config.data.image_size = meta["image_size"]
+    return meta

@@ -1,0 +1,109 @@
+"""Precompute and cache training features: autoencoder latents and frozen text-encoder
+outputs, so training reads them instead of running the encoders every step (how large
+runs go). Writes the folder format of :mod:`jaxdit.data.cache`.
+
+  python tools/cache_features.py --config experiments/dit_air.py:tiny \\
+      --config.text.kind=pretrained --config.text.path=minilm --config.text.layers="(-2,)" \\
+      --split train --num 20000 --out cache/train
+  python tools/cache_features.py ... --split val --num 512 --out cache/val
+  python -m jaxdit.train --config experiments/dit_air.py:tiny --workdir wd \\
+      --config.data.source=cached --config.data.cache_dir=cache/train \\
+      --config.data.val_cache_dir=cache/val
+
+The text encoder must be frozen (``text.kind=pretrained``). Several ``text.layers`` are
+cached concatenated, without the trained projection (the denoiser's text adapter maps any
+feature width). Captions get ``data.system_prompt`` as in training. Examples are taken in
+source order (the training pipeline shuffles the cache).
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxdit.data import prompts
+from jaxdit.data.cache import CacheWriter
+from jaxdit.data.pipeline import make_source, make_tokenizer
+from jaxdit.models.text import load_pretrained_text, masked_mean, pretrained_text_module
+from jaxdit.models.vae import make_autoencoder
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config (path.py:arg).")
+flags.DEFINE_string("out", None, "Output cache folder.")
+flags.DEFINE_enum("split", "train", ["train", "val"], "Which split of data.source to cache.")
+flags.DEFINE_integer("num", 0, "Examples to cache (0 = the whole split).")
+flags.DEFINE_integer("batch", 64, "Examples per encoder call.")
+flags.mark_flags_as_required(["config", "out"])
+
+
+def make_encode_fn(cfg):
+    """Jitted ``(images, ids, mask) -> latents, tokens, pooled`` for the frozen encoders."""
+    if cfg.text.kind != "pretrained":
+        raise ValueError("Caching needs a frozen text encoder: set text.kind='pretrained' "
+                         f"(got {cfg.text.kind!r}).")
+    module = pretrained_text_module(cfg.text)
+    encoder = module.frozen_encoder
+    params = load_pretrained_text(cfg.text)
+    n = encoder.depth + 1
+    picked = [layer % n for layer in cfg.text.layers]
+    autoencoder = make_autoencoder(cfg.latent)
+
+    @jax.jit
+    def encode(images, ids, mask):
+        hidden = encoder.apply({"params": params}, ids, mask, max(picked))
+        tokens = jnp.concatenate([hidden[i] for i in picked], axis=-1)
+        return autoencoder.encode(images), tokens, masked_mean(tokens, mask)
+    return encode, encoder.width * len(picked)
+
+
+def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):
+    """Encodes the first ``num`` examples (0 = all) of ``split`` into the cache ``out``."""
+    encode, width = make_encode_fn(cfg)
+    tokenizer = make_tokenizer(cfg)
+    src = make_source(cfg.data, split)
+    num = min(num or len(src), len(src))
+    s = cfg.data.image_size
+    latent = make_autoencoder(cfg.latent).latent_shape((s, s, 3))
+    shapes = {"latent": tuple(latent), "text_tokens": (cfg.text.max_len, width),
+              "text_mask": (cfg.text.max_len,), "text_pooled": (width,), "label": ()}
+    meta = {"image_size": s, "latent": dict(cfg.latent),
+            "text": {"width": width, "max_len": cfg.text.max_len,
+                     "encoder": {k: (list(v) if isinstance(v, tuple) else v)
+                                 for k, v in cfg.text.items()}},
+            "system_prompt": cfg.data.system_prompt, "source": cfg.data.source,
+            "split": split}
+    writer = CacheWriter(out, num, shapes, meta)
+    start = time.time()
+    for lo in range(0, num, batch):
+        recs = [src[i] for i in range(lo, min(lo + batch, num))]
+        pad = batch - len(recs)  # keep one compiled shape: pad the last batch
+        captions = [r["caption"] for r in recs]
+        ids, mask = zip(*(tokenizer.encode(prompts.apply_template(c, cfg.data.system_prompt),
+                                           cfg.text.max_len) for c in captions))
+        images = np.stack([r["image"].astype(np.float32) / 127.5 - 1.0 for r in recs])
+        ids, mask = np.stack(ids), np.stack(mask)
+        if pad:
+            images, ids, mask = (np.concatenate([a, np.repeat(a[-1:], pad, 0)])
+                                 for a in (images, ids, mask))
+        lat, tokens, pooled = encode(images, ids, mask)
+        writer.add({"latent": lat, "text_tokens": tokens, "text_mask": mask,
+                    "text_pooled": pooled, "label": np.array([r["label"] for r in recs])},
+                   captions)
+    path = writer.close()
+    logging.info("Cached %d examples (latent %s, text %s) in %.1fs to %s", num, latent,
+                 shapes["text_tokens"], time.time() - start, path)
+    return path
+
+
+def main(argv):
+    del argv
+    path = cache_features(FLAGS.config, FLAGS.split, FLAGS.out, FLAGS.num, FLAGS.batch)
+    print(f"cached to {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

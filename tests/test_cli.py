@@ -42,6 +42,16 @@ def test_train_then_sample_from_checkpoint(tmp_path):
     img = Image.open(png)
     assert img.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # 3 columns x 2 rows of 32x32 + padding
 
+    # `python -m jaxdit.eval`'s work, in process: validation loss + alignment of samples
+    from jaxdit.cli.eval import evaluate_step  # pylint: disable=import-outside-toplevel
+    from jaxdit.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+    ckpt = Checkpointer(os.path.join(wd, "checkpoints"), create=False)
+    res = evaluate_step(ckpt, None, num_samples=6, sample_batch=4)
+    ckpt.close()
+    assert res["step"] == 3 and res["val/loss"] > 0
+    for key in ("align/color", "align/count", "align/shape", "align/overall"):
+        assert 0.0 <= res[key] <= 1.0, key
+
 
 def test_race_dit_trains_and_samples_by_label(tmp_path):
     """Class-conditional Race-DiT through the same CLI: MoE metrics logged, samples by label."""

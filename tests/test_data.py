@@ -58,7 +58,7 @@ def test_single_object_labels_are_the_class_of_the_shape():
 
 
 def test_tokenizer():
-    tok = make_tokenizer(tiny_config().data)
+    tok = make_tokenizer(tiny_config())
     ids, mask = tok.encode("A red circle LEFT of a blue zebra", 6)
     assert ids[0] == BOS and mask.sum() == 6 and ids.dtype == np.int32
     assert tok.decode(ids) == "a red circle left of"

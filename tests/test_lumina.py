@@ -221,7 +221,7 @@ def test_multires_branch_adds_the_pooled_loss():
 
 def test_system_prompts_in_the_pipeline():
     cfg = config_lib.lumina_config("tiny")
-    tok = make_tokenizer(cfg.data)
+    tok = make_tokenizer(cfg)
     pre = Preprocess(tok, cfg.text.max_len, cfg.data.system_prompt)
     rec = pre.map({"image": np.zeros((4, 4, 3), np.uint8), "caption": "a red circle",
                    "label": 0})

@@ -25,17 +25,17 @@ def _losses(workdir):
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, capsys):
     devices = jax.devices()[:2]  # a sharded (data=2) run; two devices keep compiles short
 
-    def config(steps):
+    def config(steps, samples=0):  # sampling is not under test: compile it once
         cfg = tiny_config(steps=steps)
-        cfg.sampler.update(method="euler", sde=False)  # sampling is not under test: compile less
+        cfg.sampler.update(method="euler", sde=False, num_samples=samples)
         return cfg
 
     full = str(tmp_path / "full")
-    train_and_evaluate(config(4), full, devices)
+    assert "samples" not in train_and_evaluate(config(4), full, devices)
     split = str(tmp_path / "split")
     first = train_and_evaluate(config(2), split, devices)
     assert first["checkpoint_step"] == 2
-    second = train_and_evaluate(config(4), split, devices)
+    second = train_and_evaluate(config(4, samples=2), split, devices)
     assert second["checkpoint_step"] == 4
     a, b = _losses(full), _losses(split)
     assert sorted(a) == [1, 2, 3, 4] and sorted(b) == [1, 2, 3, 4]

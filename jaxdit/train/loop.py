@@ -404,7 +404,8 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         evaluated = cfg.train.eval_every and final_step % cfg.train.eval_every == 0
         if start < cfg.train.steps and not evaluated:
             last.update(evaluate(exp, state, final_step, writer))
-        last["samples"] = write_samples(exp, state, final_step, workdir)
+        if cfg.sampler.num_samples > 0:  # 0: no final sample grid
+            last["samples"] = write_samples(exp, state, final_step, workdir)
         last["train_time_s"] = time.perf_counter() - t_start
     ckpt.close()
     writer.close()

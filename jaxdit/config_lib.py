@@ -92,7 +92,12 @@ def base_config() -> ml_collections.ConfigDict:
     # preset: e.g. "v5p-128" sets fsdp over its 64 chips / (tensor x expert), data over slices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, expert=1, sequence=1,
                                             preset=""))
+    # train.objective="draft": reward fine-tuning through the last grad_steps of a
+    # num_steps Euler sampler (jaxdit.train.draft); "flow" is the flow-matching loss.
+    c.draft = ml_collections.ConfigDict(dict(
+        num_steps=8, grad_steps=1, shift=1.0, reward="color", reward_area=0.1, reward_width=0.4))
     c.train = ml_collections.ConfigDict(dict(
+        objective="flow",
         batch_size=32, steps=1000, log_every=50, eval_every=500, sample_every=0,
         ckpt_every=500, keep_checkpoints=3, async_checkpointing=True, val_batches=4,
         # Params-only checkpoint (e.g. converted diffusers weights, tools/convert_diffusers.py)

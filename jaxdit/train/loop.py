@@ -32,6 +32,7 @@ from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_divisor, batch_sharding, make_mesh
 from jaxdit.train.checkpoint import Checkpointer, load_params
 from jaxdit.train.metrics import MetricWriter, Progress
+from jaxdit.train.draft import OBJECTIVES, REWARDS
 from jaxdit.train.optimizers import make_optimizer
 from jaxdit.train.state import (abstract_state, count_params, create_train_state,
                                  state_shardings)
@@ -46,6 +47,18 @@ class ConfigError(ValueError):
 
 def validate_config(config, mesh) -> None:
     t = config.train
+    if t.objective not in OBJECTIVES:
+        raise ConfigError(f"Unknown train.objective {t.objective!r}; available: {OBJECTIVES}.")
+    if t.objective == "draft":
+        d = config.draft
+        if d.reward not in REWARDS:
+            raise ConfigError(f"Unknown draft.reward {d.reward!r}; available: {REWARDS}.")
+        if d.reward == "color" and config.data.source != "shapes":
+            raise ConfigError("draft.reward='color' reads the target colour from the shapes "
+                              "data's labels: set data.source='shapes'.")
+        if not 0 <= d.grad_steps <= d.num_steps:
+            raise ConfigError(f"draft.grad_steps={d.grad_steps} must be in [0, "
+                              f"draft.num_steps={d.num_steps}].")
     div = batch_divisor(mesh)
     if t.batch_size <= 0 or t.batch_size % div:
         raise ConfigError(f"train.batch_size={t.batch_size} must be a positive multiple of the "

@@ -15,6 +15,7 @@ from jaxdit.diffusion import flow
 from jaxdit.models.layers import patchify
 from jaxdit.models.registry import TRANSIENT_COLLECTIONS, drop_condition, persistent_variables
 from jaxdit.moe.metrics import summarize as summarize_moe
+from jaxdit.train.draft import draft_loss_fn
 from jaxdit.train.state import TrainState
 
 # Collections written during a training forward pass: running state plus per-step outputs.
@@ -65,6 +66,9 @@ def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
     branch (own t and noise, same captions, same shift, as Lumina's fine-tuning) adds the
     loss on average-pooled latents; its MoE regularisers are not added.
     """
+    if cfg.train.get("objective", "flow") == "draft":  # reward fine-tuning (jaxdit.train.draft)
+        return draft_loss_fn(params, model_state, batch, rng, model=model,
+                             autoencoder=autoencoder, cfg=cfg, cond=condition_from_batch(batch))
     x0 = autoencoder.encode(batch["image"])
     b = x0.shape[0]
     k_main, k_low, k_drop = jax.random.split(rng, 3)

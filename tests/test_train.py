@@ -11,9 +11,9 @@ import pytest
 from jaxdit import config_lib
 from jaxdit.parallel.mesh import MeshConfigError, make_mesh, mesh_axes, resolve_mesh_shape
 from jaxdit.train.checkpoint import CheckpointError, Checkpointer
-from jaxdit.train.loop import ConfigError, Experiment, train_and_evaluate
+from jaxdit.train.loop import ConfigError, Experiment, init_params, train_and_evaluate
 from jaxdit.train.optimizers import make_optimizer, scale_by_factored_rms
-from tests.helpers import tiny_config
+from tests.helpers import fixed_batch, tiny_config
 
 
 def _losses(workdir):
@@ -58,6 +58,26 @@ def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path, capsys):
     assert sorted(os.listdir(ckdir)) == ["2", "4", "4.corrupt"]
     redone = _losses(split)
     assert sorted(redone) == [3, 4] and all(redone[s] == a[s] for s in (3, 4))
+
+    # Stage 2 of a multi-resolution schedule: twice the resolution, a larger time shift,
+    # initialised from the stage-1 workdir's EMA weights with a fresh optimizer.
+    stage2 = config(2)
+    stage2.data.image_size = 2 * stage2.data.image_size
+    stage2.diffusion.shift = 2.0
+    stage2.train.init_params_from = split
+    exp = Experiment(stage2, devices)
+    with exp.context():
+        fresh = exp.create_state()
+        state = init_params(fresh, exp, split)
+        ckpt = Checkpointer(ckdir, create=False)
+        stage1, _ = ckpt.restore(exp.abstract_state())
+        ckpt.close()
+        for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(stage1.ema_params)):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert int(state.step) == 0
+        step = exp.jit_train_step(exp.to_global(fixed_batch(stage2)))
+        _, metrics = step(state, exp.to_global(fixed_batch(stage2)))
+        assert np.isfinite(float(metrics["loss"]))
 
 
 def test_checkpoint_round_trip_restores_every_field(tmp_path):

@@ -333,13 +333,31 @@ class PreemptionGuard:
         return self.fired
 
 
-def init_params(state, exp: Experiment, directory: str):
-    """``state`` with the denoiser's params (and their EMA) loaded from a params-only
-    checkpoint ``{"denoiser": ...}`` (``tools/convert_diffusers.py``); everything else (a
-    trainable text encoder, the optimizer) keeps its initialisation."""
+def init_params(state, exp: Experiment, source: str):
+    """``state`` with weights loaded from ``source`` (``train.init_params_from``):
+
+    * a training workdir (it has ``checkpoints/``): the EMA weights of its latest checkpoint
+      become the params and the EMA of this run, whose optimizer starts fresh: the next
+      stage of a multi-stage schedule (e.g. 256 then 512 pixels with a larger
+      ``diffusion.shift``, or SFT on other data). The model must be the same (the
+      resolution may change: positions are computed, not learned) and so must the
+      optimizer's state layout (the checkpoint is restored whole);
+    * a params-only checkpoint ``{"denoiser": ...}`` (``tools/convert_diffusers.py``): the
+      denoiser's params; everything else keeps its initialisation.
+    """
+    if os.path.isdir(os.path.join(source, "checkpoints")):
+        ckpt = Checkpointer(os.path.join(source, "checkpoints"), create=False)
+        try:
+            previous, step = ckpt.restore(exp.abstract_state())
+        finally:
+            ckpt.close()
+        print(f"Initialised from the EMA weights of {source} (step {step})", flush=True)
+        return state.replace(params=previous.ema_params,
+                             ema_params=jax.tree.map(jnp.copy, previous.ema_params),
+                             model_state=previous.model_state)
     abstract = exp.abstract_state().params
-    loaded = load_params(directory, {"denoiser": abstract["denoiser"]})["denoiser"]
-    print(f"Initialised the denoiser from {directory}", flush=True)
+    loaded = load_params(source, {"denoiser": abstract["denoiser"]})["denoiser"]
+    print(f"Initialised the denoiser from {source}", flush=True)
     params = {**state.params, "denoiser": loaded}
     ema = {**state.ema_params, "denoiser": jax.tree.map(jnp.copy, loaded)}
     return state.replace(params=params, ema_params=ema)

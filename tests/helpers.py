@@ -34,7 +34,8 @@ def fixed_batch(config, batch=8, seed=0):
     from jaxdit.data.pipeline import make_tokenizer  # pylint: disable=import-outside-toplevel
     rng = np.random.default_rng(seed)
     s, n = config.data.image_size, config.text.max_len
-    vocab = make_tokenizer(config).vocab_size  # ids past it would embed as NaN
+    # ids past the model's vocabulary would embed as NaN
+    vocab = config.text.vocab_size or make_tokenizer(config).vocab_size
     mask = np.arange(n)[None] < rng.integers(1, n + 1, size=(batch, 1))
     return {"image": jnp.asarray(rng.uniform(-1, 1, (batch, s, s, 3)), jnp.float32),
             "text_ids": jnp.asarray(rng.integers(3, vocab, (batch, n)) * mask, jnp.int32),

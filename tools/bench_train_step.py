@@ -25,7 +25,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxdit.train.loop import Experiment
-from jaxdit.train.state import count_params
+from jaxdit.train.state import count_params, path_names
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config (path.py:arg).")
@@ -172,7 +172,7 @@ def main(argv):
     params = count_params(state.params)
     flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
     def in_block(path):  # per-token matmuls: under <block_i | shared_block | shared_attn>,
-        names = [str(getattr(k, "key", "")) for k in path]  # not the per-sample AdaLN
+        names = [str(n) for n in path_names(path)]  # not the per-sample AdaLN
         return (any(n.startswith(("block_", "shared_")) for n in names)
                 and not any(n.startswith("adaln") for n in names))
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdit.train.state import path_names
+
 OPTIMIZERS = ("adafactor", "adamw")
 SCHEDULES = ("constant", "cosine")
 
@@ -97,8 +99,8 @@ def frozen_labels(params):
     """``"frozen"`` for every parameter under a module named ``frozen_*`` (pretrained
     encoders), ``"train"`` elsewhere."""
     def label(path, _):
-        names = [str(getattr(k, "key", "")) for k in path]
-        return "frozen" if any(n.startswith(FROZEN_PREFIX) for n in names) else "train"
+        names = path_names(path)
+        return "frozen" if any(str(n).startswith(FROZEN_PREFIX) for n in names) else "train"
     return jax.tree_util.tree_map_with_path(label, params)
 
 

@@ -41,7 +41,8 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules=LOGICAL_RULES):
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def _path_keys(path) -> tuple:
+def path_names(path) -> tuple:
+    """A pytree key path as plain names: dict keys, attribute names, sequence indices."""
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
 
 
@@ -51,11 +52,11 @@ def opt_state_shardings(abstract_opt_state, abstract_params, param_sh, mesh: Mes
     any other leaf (counts, factored row/column statistics) is replicated. Matching by path
     holds through any optax wrapper (chains, masks, multi_transform)."""
     rep = NamedSharding(mesh, P())
-    by_path = {_path_keys(path): (leaf.shape, sh) for (path, leaf), sh in zip(
+    by_path = {path_names(path): (leaf.shape, sh) for (path, leaf), sh in zip(
         jax.tree_util.tree_flatten_with_path(abstract_params)[0], jax.tree.leaves(param_sh))}
 
     def pick(path, leaf):
-        keys = _path_keys(path)
+        keys = path_names(path)
         for i in range(len(keys)):
             hit = by_path.get(keys[i:])
             if hit is not None and hit[0] == leaf.shape:

@@ -15,8 +15,7 @@ from jaxdit.models.lumina import Lumina
 from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
 from jaxdit.models.race_dit import MoESpec, RaceDiT
-from jaxdit.data.tokenizer import HFTokenizer
-from jaxdit.models.text import TextEncoder, pretrained_text_module, text_encoder_dir
+from jaxdit.models.text import TextEncoder, pretrained_text_module
 from jaxdit.moe import experts, routing, topk
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -114,24 +113,26 @@ class DiffusionModel(nn.Module):
         return self.denoiser(x, t, self.encode_text(cond))
 
 
-def build_model(config) -> DiffusionModel:
+def build_model(config, null_token_id: int = 1) -> DiffusionModel:
+    """Text encoder + denoiser for ``config``; ``null_token_id``: the tokenizer's first
+    token of the empty caption (its ``null_id``; BOS 1 of the word tokenizer)."""
     text = config.text
     if text.kind not in TEXT_KINDS:
         raise ValueError(f"Unknown text.kind {text.kind!r}; available: {TEXT_KINDS}.")
-    encoder, null_id = None, 1
+    encoder = None
     dtypes = dict(dtype=_dtype(config.model.dtype), param_dtype=_dtype(config.model.param_dtype))
     if text.kind == "trainable":
         encoder = TextEncoder(vocab_size=text.vocab_size, max_len=text.max_len, width=text.width,
                               depth=text.depth, num_heads=text.num_heads, **dtypes)
     elif text.kind == "pretrained":
         encoder = pretrained_text_module(text, attn_impl=config.model.attn_impl, **dtypes)
-        null_id = HFTokenizer(str(text_encoder_dir(text.path) / "tokenizer.json")).null_id
     class_cond = text.kind == "none"
     if class_cond != (config.model.family == "race_dit"):
         raise ValueError(f"model.family={config.model.family!r} needs text.kind="
-                         f"{'none' if not class_cond else 'trainable or precomputed'}.")
+                         f"{'none' if not class_cond else 'trainable, pretrained or precomputed'}.")
     denoiser = build_denoiser(config.model, config.latent.channels, config.get("moe"))
-    return DiffusionModel(denoiser, encoder, class_conditional=class_cond, null_token_id=null_id)
+    return DiffusionModel(denoiser, encoder, class_conditional=class_cond,
+                          null_token_id=null_token_id)
 
 
 def persistent_variables(variables):

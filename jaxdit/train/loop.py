@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit.data import prompts, shapes
-from jaxdit.data.cache import CachedSource, configure_from_cache
+from jaxdit.data.cache import CachedSource, cached_example, configure_from_cache
 from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
@@ -122,7 +122,7 @@ class Experiment:
             config.text.vocab_size = self.tokenizer.vocab_size
         if config.text.kind == "pretrained":
             config.text.width = pretrained_text_width(config.text)
-        self.model = build_model(config)
+        self.model = build_model(config, self.tokenizer.null_id)
         self.autoencoder = make_autoencoder(config.latent)
         if config.data.source == "cached":
             self.autoencoder = PrecomputedLatents(self.autoencoder)
@@ -247,9 +247,9 @@ def cached_condition(cfg, n: int, captions=None):
                          "'pretrained').")
     src = CachedSource(cfg.data.val_cache_dir or cfg.data.cache_dir)
     recs = [src[i] for i in range(min(n, len(src)))]
-    keys = ("text_tokens", "text_mask", "text_pooled")
-    cond = {k: np.stack([r[k] for r in recs]).astype(np.float32 if k != "text_mask" else bool)
-            for k in keys}
+    examples = [cached_example(r) for r in recs]  # as training reads them
+    cond = {k: np.stack([e[k] for e in examples])
+            for k in ("text_tokens", "text_mask", "text_pooled")}
     return [r["caption"] for r in recs], cond
 
 

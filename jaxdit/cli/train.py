@@ -26,8 +26,9 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     jax.config.update("jax_threefry_partitionable", True)  # sharding-invariant random bits
     result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    print(f"Done: loss {result.get('loss', float('nan')):.4f}, val loss "
-          f"{result.get('val/loss', float('nan')):.4f}, checkpoint step "
+    val = "val/loss" if "val/loss" in result else "val/mse"  # autoencoders report the MSE
+    print(f"Done: loss {result.get('loss', float('nan')):.4f}, {val.replace('/', ' ')} "
+          f"{result.get(val, float('nan')):.4f}, checkpoint step "
           f"{result['checkpoint_step']}, samples {result.get('samples')}", flush=True)
 
 

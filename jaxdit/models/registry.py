@@ -10,17 +10,24 @@ import jax.numpy as jnp
 
 from jaxdit.kernels.dispatch import check_backend
 from jaxdit.models.base import remat_policy_name
+from jaxdit.models.d2it import D2iT, DynamicContentTransformer, GrainTransformer
 from jaxdit.models.dit_air import DiTAir
+from jaxdit.models.dvae import DVAE
 from jaxdit.models.lumina import Lumina
 from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
 from jaxdit.models.race_dit import MoESpec, RaceDiT
 from jaxdit.models.text import TextEncoder, pretrained_text_module
+from jaxdit.models.vae import KLAutoencoder
 from jaxdit.moe import experts, routing, topk
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 TEXT_KINDS = ("trainable", "pretrained", "precomputed", "none")
-FAMILIES = ("dit_air", "pixart", "mmdit", "race_dit", "lumina")
+FAMILIES = ("dit_air", "pixart", "mmdit", "race_dit", "lumina", "d2it")
+# Families that are trained autoencoders (train.objective="autoencoder"), not denoisers.
+AUTOENCODER_FAMILIES = ("kl_vae", "dvae")
+# Families conditioned on a class label (text.kind="none").
+CLASS_FAMILIES = ("race_dit", "d2it") + AUTOENCODER_FAMILIES
 # Collections a forward pass may write that are per-step outputs, not model state.
 TRANSIENT_COLLECTIONS = ("aux_loss", "deep_pred", "moe_metrics", "intermediates")
 
@@ -113,10 +120,54 @@ class DiffusionModel(nn.Module):
         return self.denoiser(x, t, self.encode_text(cond))
 
 
-def build_model(config, null_token_id: int = 1) -> DiffusionModel:
+def build_autoencoder(config) -> nn.Module:
+    """The trainable autoencoder of ``config.vae`` (``model.family`` kl_vae or dvae)."""
+    v = config.vae
+    kw = dict(z_channels=v.z_channels, ch=v.ch, ch_mult=tuple(v.ch_mult),
+              num_res_blocks=v.num_res_blocks, attn=v.attn, dtype=_dtype(config.model.dtype),
+              param_dtype=_dtype(config.model.param_dtype))
+    if config.model.family == "kl_vae":
+        return KLAutoencoder(**kw)
+    d = config.dvae
+    if d.threshold < 0:
+        raise ValueError("dvae.threshold is unset (negative): resolve it from the data "
+                         "first (jaxdit.data.grains.resolve_threshold).")
+    return DVAE(threshold=float(d.threshold), bins=int(d.bins), sigma=float(d.sigma), **kw)
+
+
+def build_d2it(config) -> D2iT:
+    """Frozen DVAE + grain transformer + content transformer (``model.family='d2it'``)."""
+    m, d = config.model, config.d2it
+    if m.num_classes < 1:
+        raise ValueError("model.family='d2it' is class-conditional: set model.num_classes.")
+    if config.latent.channels != config.vae.z_channels:
+        raise ValueError(f"latent.channels={config.latent.channels} must equal the DVAE's "
+                         f"vae.z_channels={config.vae.z_channels}.")
+    dtypes = dict(dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
+    check_backend(m.attn_impl)
+    remat_policy_name(m.remat)
+    content = DynamicContentTransformer(
+        depth=m.depth, width=m.width, num_heads=m.num_heads, patch_size=m.patch_size,
+        out_channels=config.latent.channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
+        sandwich=m.sandwich, attn_impl=m.attn_impl, remat=m.remat, num_classes=m.num_classes,
+        refine_depth=m.refine_depth, **dtypes)
+    grain = GrainTransformer(depth=d.grain_depth, width=d.grain_width, num_heads=d.grain_heads,
+                             num_classes=m.num_classes, attn_impl=m.attn_impl, **dtypes)
+    return D2iT(build_autoencoder(config), grain, content)
+
+
+def build_model(config, null_token_id: int = 1) -> nn.Module:
     """Text encoder + denoiser for ``config``; ``null_token_id``: the tokenizer's first
-    token of the empty caption (its ``null_id``; BOS 1 of the word tokenizer)."""
+    token of the empty caption (its ``null_id``; BOS 1 of the word tokenizer). Autoencoder
+    families build the autoencoder and ``d2it`` its three-part model."""
     text = config.text
+    family = config.model.family
+    if family in CLASS_FAMILIES and text.kind != "none":
+        raise ValueError(f"model.family={family!r} is not text-conditional: set text.kind='none'.")
+    if family in AUTOENCODER_FAMILIES:
+        return build_autoencoder(config)
+    if family == "d2it":
+        return build_d2it(config)
     if text.kind not in TEXT_KINDS:
         raise ValueError(f"Unknown text.kind {text.kind!r}; available: {TEXT_KINDS}.")
     encoder = None
@@ -127,8 +178,8 @@ def build_model(config, null_token_id: int = 1) -> DiffusionModel:
     elif text.kind == "pretrained":
         encoder = pretrained_text_module(text, attn_impl=config.model.attn_impl, **dtypes)
     class_cond = text.kind == "none"
-    if class_cond != (config.model.family == "race_dit"):
-        raise ValueError(f"model.family={config.model.family!r} needs text.kind="
+    if class_cond != (family in CLASS_FAMILIES):
+        raise ValueError(f"model.family={family!r} needs text.kind="
                          f"{'none' if not class_cond else 'trainable, pretrained or precomputed'}.")
     denoiser = build_denoiser(config.model, config.latent.channels, config.get("moe"))
     return DiffusionModel(denoiser, encoder, class_conditional=class_cond,

@@ -39,6 +39,8 @@ LOGICAL_RULES = (
     ("layers", None),
     ("pos", None),
     ("cond", None),
+    ("conv_in", None),  # convolutional autoencoder weights (replicated)
+    ("conv_out", None),
     ("embed_out", None),  # second dim of a square (d, d) kernel whose first dim is "embed"
 )
 

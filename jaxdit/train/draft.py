@@ -25,7 +25,6 @@ from jaxdit.data.shapes import COLORS
 from jaxdit.diffusion.samplers import time_grid
 
 REWARDS = ("color",)
-OBJECTIVES = ("flow", "draft")
 
 
 def color_reward(images, labels, area: float = 0.1, width: float = 0.4):

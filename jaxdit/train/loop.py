@@ -23,20 +23,23 @@ import numpy as np
 
 from jaxdit.data import prompts, shapes
 from jaxdit.data.cache import CachedSource, cached_example, configure_from_cache
+from jaxdit.data.grains import resolve_threshold
 from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
-from jaxdit.models.registry import build_model, persistent_variables
+from jaxdit.models.registry import AUTOENCODER_FAMILIES, build_model, persistent_variables
 from jaxdit.models.text import load_pretrained_text, pretrained_text_width, with_pretrained_text
 from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_divisor, batch_sharding, make_mesh
 from jaxdit.train.checkpoint import Checkpointer, load_params
 from jaxdit.train.metrics import MetricWriter, Progress
-from jaxdit.train.draft import OBJECTIVES, REWARDS
+from jaxdit.train.autoencoder import make_autoencoder_val_fn, make_reconstruction_fn
+from jaxdit.train.d2it import make_d2it_sample_fn, make_d2it_val_fn
+from jaxdit.train.draft import REWARDS
 from jaxdit.train.optimizers import make_optimizer
 from jaxdit.train.state import (abstract_state, count_params, create_train_state,
                                  state_shardings)
-from jaxdit.train.step import train_step
+from jaxdit.train.step import OBJECTIVES, train_step
 
 log = logging.getLogger("jaxdit")
 
@@ -49,6 +52,28 @@ def validate_config(config, mesh) -> None:
     t = config.train
     if t.objective not in OBJECTIVES:
         raise ConfigError(f"Unknown train.objective {t.objective!r}; available: {OBJECTIVES}.")
+    family = config.model.family
+    if (family in AUTOENCODER_FAMILIES) != (t.objective == "autoencoder"):
+        raise ConfigError(f"train.objective='autoencoder' trains the autoencoder families "
+                          f"{AUTOENCODER_FAMILIES} and only those (model.family={family!r}, "
+                          f"objective {t.objective!r}).")
+    if (family == "d2it") != (t.objective == "d2it"):
+        raise ConfigError(f"model.family='d2it' trains with train.objective='d2it' and only "
+                          f"it (model.family={family!r}, objective {t.objective!r}).")
+    if family in ("dvae", "d2it"):
+        region = 2 ** (len(config.vae.ch_mult) - 1)
+        if config.data.image_size % region:
+            raise ConfigError(f"data.image_size={config.data.image_size} must be a multiple of "
+                              f"the DVAE region size {region} (2**(len(vae.ch_mult)-1)).")
+    if family == "d2it":
+        if config.sampler.sde:
+            raise ConfigError("D2iT samples with an ODE sampler (fresh SDE noise would break "
+                              "the multi-grained structure): set sampler.sde=False.")
+        if config.d2it.grain_steps < 1:
+            raise ConfigError(f"d2it.grain_steps must be >= 1, got {config.d2it.grain_steps}.")
+        if config.latent.downsample != 2 ** (len(config.vae.ch_mult) - 2):
+            raise ConfigError(f"latent.downsample={config.latent.downsample} must be the DVAE's "
+                              f"fine downsampling {2 ** (len(config.vae.ch_mult) - 2)}.")
     if t.objective == "draft":
         d = config.draft
         if d.reward not in REWARDS:
@@ -92,11 +117,17 @@ def validate_config(config, mesh) -> None:
 
 def example_inputs(config, batch: int = 1):
     """Zero inputs with the right shapes for ``model.init``."""
+    if config.model.family in AUTOENCODER_FAMILIES:
+        size = config.data.image_size
+        return jnp.zeros((batch, size, size, 3)), False  # (images, sample)
     s, c = config.data.image_size // config.latent.downsample, config.latent.channels
     x = jnp.zeros((batch, s, s, c))
     t = jnp.zeros((batch,))
     n = config.text.max_len
-    if config.text.kind == "none":
+    if config.model.family == "d2it":
+        cond = {"label": jnp.zeros((batch,), jnp.int32),
+                "grain": jnp.zeros((batch, s // 2, s // 2), jnp.int32)}
+    elif config.text.kind == "none":
         cond = {"label": jnp.zeros((batch,), jnp.int32)}
     elif config.text.kind in ("trainable", "pretrained"):
         cond = {"text_ids": jnp.zeros((batch, n), jnp.int32),
@@ -122,12 +153,20 @@ class Experiment:
             config.text.vocab_size = self.tokenizer.vocab_size
         if config.text.kind == "pretrained":
             config.text.width = pretrained_text_width(config.text)
+        family = config.model.family
+        if family == "d2it" and config.d2it.vae_workdir:
+            configure_from_vae(config)
+        if family in ("dvae", "d2it"):
+            resolve_threshold(config)
         self.model = build_model(config, self.tokenizer.null_id)
-        self.autoencoder = make_autoencoder(config.latent)
+        # Autoencoder families are the model; D2iT holds its DVAE inside (frozen_vae).
+        own_vae = family in AUTOENCODER_FAMILIES or family == "d2it"
+        self.autoencoder = None if own_vae else make_autoencoder(config.latent)
         if config.data.source == "cached":
             self.autoencoder = PrecomputedLatents(self.autoencoder)
-        self.tx, self.schedule = make_optimizer(config.optim, config.train.steps,
-                                                frozen=config.text.kind == "pretrained")
+        self.tx, self.schedule = make_optimizer(
+            config.optim, config.train.steps,
+            frozen=config.text.kind == "pretrained" or family == "d2it")
         inputs = example_inputs(config)
         self.init_variables = lambda rng: persistent_variables(self.model.init(rng, *inputs))
 
@@ -146,6 +185,8 @@ class Experiment:
                 self.config.text, state.params["text_encoder"]["frozen_encoder"])
             state = state.replace(params=with_pretrained_text(state.params, weights),
                                   ema_params=with_pretrained_text(state.ema_params, weights))
+        if self.config.model.family == "d2it" and self.config.d2it.vae_workdir:
+            state = load_stage1_vae(self, state)
         return state
 
     def abstract_state(self):
@@ -169,11 +210,23 @@ class Experiment:
 
     @functools.cached_property
     def val_loss_fn(self):
+        """Jitted ``(variables, batch, rng)`` -> losses over ``eval.t_grid`` (an array), or
+        a dict of named scalars / an array under ``"loss"``."""
+        objective = self.config.train.objective
+        if objective == "autoencoder":
+            return make_autoencoder_val_fn(self.model)
+        if objective == "d2it":
+            return make_d2it_val_fn(self.model, self.config.eval.t_grid)
         return make_val_loss_fn(self.model, self.autoencoder, self.config.eval.t_grid)
 
     @functools.cached_property
     def sample_fn(self):
         s = self.config.data.image_size
+        objective = self.config.train.objective
+        if objective == "autoencoder":  # reconstructions of {"image"}
+            return make_reconstruction_fn(self.model)
+        if objective == "d2it":  # grain map, then content; image | grain map
+            return make_d2it_sample_fn(self.model, self.config, s)
         return make_sample_fn(self.model, self.autoencoder, self.config, (s, s, 3))
 
     def context(self):
@@ -196,13 +249,18 @@ def evaluate(exp: Experiment, state, step: int, writer: MetricWriter):
                           process_count=jax.process_count(), repeat=True)
     fn = exp.val_loss_fn
     it = iter(val_ds)
-    total = np.zeros(len(cfg.eval.t_grid))
+    outs = []
     for i in range(cfg.train.val_batches):
         batch = exp.to_global(next(it))
-        total += np.asarray(fn(state_variables(state), batch, jax.random.PRNGKey(10_000 + i)))
-    total /= cfg.train.val_batches
-    scalars = {"val/loss": total.mean(),
-               **{f"val/loss_t{t:.2f}": v for t, v in zip(cfg.eval.t_grid, total)}}
+        out = fn(state_variables(state), batch, jax.random.PRNGKey(10_000 + i))
+        outs.append(jax.device_get(out if isinstance(out, dict) else {"loss": out}))
+    mean = jax.tree.map(lambda *xs: np.mean(np.stack(xs), axis=0), *outs)
+    scalars = {f"val/{k}": float(v) for k, v in mean.items() if np.ndim(v) == 0}
+    if "loss" in mean and np.ndim(mean["loss"]) == 1:  # flow losses over eval.t_grid
+        total = mean["loss"]
+        scalars.update({"val/loss": float(total.mean()),
+                        **{f"val/loss_t{t:.2f}": float(v)
+                           for t, v in zip(cfg.eval.t_grid, total)}})
     writer.write(step, scalars)
     return scalars
 
@@ -224,6 +282,11 @@ def sample_condition(exp: Experiment, captions=None, labels=None):
     captions) or class labels (class-conditional models; default 0, 1, 2, ...)."""
     cfg = exp.config
     n = cfg.sampler.num_samples
+    if cfg.train.objective == "autoencoder":  # reconstructions of validation images
+        source = make_source(cfg.data, "val")
+        recs = [source[i] for i in range(min(n, len(source)))]
+        images = np.stack([r["image"] for r in recs]).astype(np.float32) / 127.5 - 1.0
+        return [r["caption"] for r in recs], {"image": images}
     if cfg.text.kind == "none":
         labels = list(labels) if labels is not None else [i % cfg.model.num_classes
                                                           for i in range(n)]
@@ -331,6 +394,55 @@ class PreemptionGuard:
         self.fired = bool(np.any(flags))
         self.signal_name = self.signal_name or "SIGTERM on another host"
         return self.fired
+
+
+def configure_from_vae(config) -> None:
+    """D2iT stage 2: takes the DVAE architecture and grain threshold (``config.vae``,
+    ``config.dvae``) from the stage-1 run in ``d2it.vae_workdir``, and its latent size."""
+    workdir = config.d2it.vae_workdir
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+    try:
+        stage1 = ckpt.restore_config()
+    finally:
+        ckpt.close()
+    if stage1.model.family != "dvae":
+        raise ConfigError(f"d2it.vae_workdir={workdir} trained model.family="
+                          f"{stage1.model.family!r}, not a 'dvae'.")
+    config.vae = stage1.vae
+    config.dvae = stage1.dvae
+    config.latent.update(channels=stage1.vae.z_channels,
+                         downsample=2 ** (len(stage1.vae.ch_mult) - 2))
+
+
+def load_stage1_vae(exp: Experiment, state):
+    """``state`` with the stage-1 DVAE's EMA weights under ``frozen_vae`` and the latent
+    scale set to 1 / std of the latents of ``d2it.scale_images`` training images."""
+    cfg = exp.config
+    stage1_cfg = Checkpointer(os.path.join(cfg.d2it.vae_workdir, "checkpoints"),
+                              create=False).restore_config()
+    stage1_cfg.mesh = dict(cfg.mesh)
+    stage1_cfg.dvae = cfg.dvae  # its threshold is resolved already
+    stage1 = Experiment(stage1_cfg, exp.mesh.devices.flatten().tolist())
+    vae_params = init_params(stage1.create_state(), stage1, cfg.d2it.vae_workdir).params
+
+    def place(tree, new):
+        return jax.tree.map(lambda old, x: jax.device_put(jnp.asarray(x, old.dtype),
+                                                          old.sharding), tree, new)
+
+    params = {**state.params, "frozen_vae": place(state.params["frozen_vae"], vae_params)}
+    n = max(int(cfg.d2it.scale_images), 1)
+    images = next(iter(make_dataset(cfg, "train", n, repeat=False)))["image"]
+    latents, _ = exp.model.apply({"params": {**params, "frozen_latent_scale": jnp.ones(())}},
+                                 jnp.asarray(images), method="encode")
+    scale = 1.0 / max(float(jnp.std(latents)), 1e-6)
+    print(f"D2iT: DVAE from {cfg.d2it.vae_workdir}; latent std {1 / scale:.4f} over {n} "
+          f"images -> latent scale {scale:.4f}", flush=True)
+    params["frozen_latent_scale"] = jax.device_put(
+        jnp.asarray(scale, state.params["frozen_latent_scale"].dtype),
+        state.params["frozen_latent_scale"].sharding)
+    ema = {**state.ema_params, "frozen_vae": jax.tree.map(jnp.copy, params["frozen_vae"]),
+           "frozen_latent_scale": jnp.copy(params["frozen_latent_scale"])}
+    return state.replace(params=params, ema_params=ema)
 
 
 def init_params(state, exp: Experiment, source: str):

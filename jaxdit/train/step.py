@@ -15,8 +15,15 @@ from jaxdit.diffusion import flow
 from jaxdit.models.layers import patchify
 from jaxdit.models.registry import TRANSIENT_COLLECTIONS, drop_condition, persistent_variables
 from jaxdit.moe.metrics import summarize as summarize_moe
+from jaxdit.train.autoencoder import autoencoder_loss_fn
+from jaxdit.train.d2it import d2it_loss_fn
 from jaxdit.train.draft import draft_loss_fn
 from jaxdit.train.state import TrainState
+
+# ``train.objective``: the flow-matching loss; DRaFT reward fine-tuning
+# (:mod:`jaxdit.train.draft`); autoencoder reconstruction (:mod:`jaxdit.train.autoencoder`);
+# D2iT's two generators (:mod:`jaxdit.train.d2it`).
+OBJECTIVES = ("flow", "draft", "autoencoder", "d2it")
 
 # Collections written during a training forward pass: running state plus per-step outputs.
 MUTABLE = ("moe_state",) + TRANSIENT_COLLECTIONS
@@ -66,9 +73,14 @@ def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
     branch (own t and noise, same captions, same shift, as Lumina's fine-tuning) adds the
     loss on average-pooled latents; its MoE regularisers are not added.
     """
-    if cfg.train.get("objective", "flow") == "draft":  # reward fine-tuning (jaxdit.train.draft)
+    objective = cfg.train.get("objective", "flow")
+    if objective == "draft":  # reward fine-tuning (jaxdit.train.draft)
         return draft_loss_fn(params, model_state, batch, rng, model=model,
                              autoencoder=autoencoder, cfg=cfg, cond=condition_from_batch(batch))
+    if objective == "autoencoder":
+        return autoencoder_loss_fn(params, model_state, batch, rng, model=model, cfg=cfg)
+    if objective == "d2it":
+        return d2it_loss_fn(params, model_state, batch, rng, model=model, cfg=cfg)
     x0 = autoencoder.encode(batch["image"])
     b = x0.shape[0]
     k_main, k_low, k_drop = jax.random.split(rng, 3)

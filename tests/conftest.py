@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices (set before JAX is imported) and parsed absl flags
 (Grain reads absl flags; under pytest nobody parses them)."""
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -12,6 +13,10 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 jax.config.update("jax_threefry_partitionable", True)
+# Compiled programs are cached for the session (a fresh directory each run): tests that
+# build the same model and shapes again (e.g. a second data source) skip the compile.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxdit_xla_cache_"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="session", autouse=True)

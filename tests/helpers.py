@@ -15,12 +15,19 @@ def tiny_config(family="dit_air", arg="tiny", **train):
         c = config_lib.race_config(arg)
         # Dropless buffers, so 1-device and sharded runs route and compute identically.
         c.moe.update(capacity_factor=0.0, eval_capacity_factor=0.0, expert_impl="grouped")
+    elif family in ("d2it", "dvae"):
+        c = config_lib.d2it_config(arg)
     elif family == "lumina":
         c = config_lib.lumina_config(arg)
         c.model.update(num_kv_heads=2, axes_dims=(4, 6, 6), num_refiner_layers=1)
     else:
         c = config_lib.air_family_config(family, arg)
     c.model.update(depth=2, width=64, num_heads=4, pos_embed_max_size=16)
+    if family in ("d2it", "dvae"):  # trunk of 1 block + a 1-block RefineNet; tiny DVAE
+        c.model.refine_depth = 1
+        c.vae.update(ch=16, ch_mult=(1, 2, 2))
+        c.d2it.update(grain_depth=1, grain_width=32, grain_heads=2)
+        c.dvae.threshold_images = 64
     c.text.update(width=32, depth=1, num_heads=2, max_len=8)
     c.data.update(image_size=16, num_train=256, num_val=64)
     c.train.update(batch_size=8, steps=4, log_every=1, eval_every=0, ckpt_every=2,

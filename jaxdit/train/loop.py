@@ -423,26 +423,37 @@ def load_stage1_vae(exp: Experiment, state):
     stage1_cfg.mesh = dict(cfg.mesh)
     stage1_cfg.dvae = cfg.dvae  # its threshold is resolved already
     stage1 = Experiment(stage1_cfg, exp.mesh.devices.flatten().tolist())
-    vae_params = init_params(stage1.create_state(), stage1, cfg.d2it.vae_workdir).params
+    previous, step = restore_workdir(stage1, cfg.d2it.vae_workdir)
+    vae_params = previous.ema_params
 
     def place(tree, new):
         return jax.tree.map(lambda old, x: jax.device_put(jnp.asarray(x, old.dtype),
                                                           old.sharding), tree, new)
 
     params = {**state.params, "frozen_vae": place(state.params["frozen_vae"], vae_params)}
-    n = max(int(cfg.d2it.scale_images), 1)
+    n = max(1, min(int(cfg.d2it.scale_images), len(make_source(cfg.data, "train"))))
     images = next(iter(make_dataset(cfg, "train", n, repeat=False)))["image"]
-    latents, _ = exp.model.apply({"params": {**params, "frozen_latent_scale": jnp.ones(())}},
-                                 jnp.asarray(images), method="encode")
+    encode = jax.jit(lambda p, x: exp.model.apply({"params": p}, x, method="encode")[0])
+    latents = encode({**params, "frozen_latent_scale": jnp.ones(())}, jnp.asarray(images))
     scale = 1.0 / max(float(jnp.std(latents)), 1e-6)
-    print(f"D2iT: DVAE from {cfg.d2it.vae_workdir}; latent std {1 / scale:.4f} over {n} "
-          f"images -> latent scale {scale:.4f}", flush=True)
+    print(f"D2iT: DVAE from {cfg.d2it.vae_workdir} (step {step}); latent std {1 / scale:.4f} "
+          f"over {n} images -> latent scale {scale:.4f}", flush=True)
     params["frozen_latent_scale"] = jax.device_put(
         jnp.asarray(scale, state.params["frozen_latent_scale"].dtype),
         state.params["frozen_latent_scale"].sharding)
     ema = {**state.ema_params, "frozen_vae": jax.tree.map(jnp.copy, params["frozen_vae"]),
            "frozen_latent_scale": jnp.copy(params["frozen_latent_scale"])}
     return state.replace(params=params, ema_params=ema)
+
+
+def restore_workdir(exp: Experiment, workdir: str):
+    """``(state, step)`` of the latest checkpoint of the training run in ``workdir``,
+    restored into ``exp``'s state layout."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+    try:
+        return ckpt.restore(exp.abstract_state())
+    finally:
+        ckpt.close()
 
 
 def init_params(state, exp: Experiment, source: str):
@@ -458,11 +469,7 @@ def init_params(state, exp: Experiment, source: str):
       denoiser's params; everything else keeps its initialisation.
     """
     if os.path.isdir(os.path.join(source, "checkpoints")):
-        ckpt = Checkpointer(os.path.join(source, "checkpoints"), create=False)
-        try:
-            previous, step = ckpt.restore(exp.abstract_state())
-        finally:
-            ckpt.close()
+        previous, step = restore_workdir(exp, source)
         print(f"Initialised from the EMA weights of {source} (step {step})", flush=True)
         return state.replace(params=previous.ema_params,
                              ema_params=jax.tree.map(jnp.copy, previous.ema_params),

@@ -11,6 +11,10 @@ import ast
 
 import ml_collections
 
+
+class ConfigError(ValueError):
+    """A config that cannot work (raised before anything expensive happens)."""
+
 # Paper setup used for parameter counts: CLIP/H text features (width 1024), an 8-channel
 # f8 latent of 256x256 images (32x32x8), patch 2.
 PAPER_TEXT_WIDTH = 1024
@@ -274,7 +278,10 @@ def autoencoder_sections(config):
     KL latent, fine ratio 0.5 (DQ-VAE's)."""
     config.vae = ml_collections.ConfigDict(dict(
         z_channels=4, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn=True,
-        l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6))
+        l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6,
+        # progressive VAE: a kl_vae training workdir with fewer latent channels whose EMA
+        # weights start this run, widened to z_channels (jaxdit.models.vae.widen_latent)
+        widen_from=""))
     # threshold < 0: computed at startup from thresholds_file (tools/grain_thresholds.py)
     # or from threshold_images training images, for the fine_ratio.
     config.dvae = ml_collections.ConfigDict(dict(
@@ -336,4 +343,37 @@ def d2it_config(arg: str | None):
             raise ValueError(f"Unknown field {k!r} in config argument; valid: "
                              f"{sorted(section.keys())}.")
         section[k] = v
+    return config
+
+
+def vae_config(arg: str | None):
+    """KL-VAE (``model.family='kl_vae'``) configs: ``"<size>-<z>ch"``, size ``tiny`` (32-px
+    shapes, f4) or ``f8`` (the LDM/SD layout at 256 px: ch 128, mults 1,2,4,4); ``z``
+    latent channels. DiT-Air's progressive VAE: train ``-4ch``, then ``-8ch`` with
+    ``--config.vae.widen_from=<the 4ch workdir>``. ``key=value`` overrides ``config.vae``."""
+    name, overrides = parse_arg(arg)
+    size, _, ch = name.partition("-")
+    if not (ch.endswith("ch") and ch[:-2].isdigit()):
+        raise ValueError(f"VAE config {name!r}: use '<size>-<z>ch', e.g. 'tiny-4ch'.")
+    config = autoencoder_sections(base_config())
+    config.text.kind = "none"
+    config.model.family = "kl_vae"
+    config.train.objective = "autoencoder"
+    config.latent.update(kind="identity", channels=3, downsample=1)  # trains on pixels
+    config.vae.update(z_channels=int(ch[:-2]), ch_mult=(1, 2, 4, 4))
+    config.optim.update(name="adamw", b1=0.5, b2=0.9)  # DQ-VAE / taming's Adam betas
+    if size == "tiny":
+        tiny_setup(config)
+        config.optim.update(lr=1e-3, warmup_steps=50)
+        config.vae.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, kl_weight=1e-4)
+    elif size == "f8":
+        config.data.image_size = 256
+        config.optim.lr = 4.5e-6 * 8 * 12  # taming's lr = n_gpu x batch x 4.5e-6
+        config.train.batch_size = 96
+    else:
+        raise ValueError(f"Unknown VAE size {size!r}; available: tiny, f8.")
+    for k, v in overrides.items():
+        if k not in config.vae:
+            raise ValueError(f"Unknown field {k!r}; valid: {sorted(config.vae.keys())}.")
+        config.vae[k] = v
     return config

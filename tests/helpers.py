@@ -25,7 +25,7 @@ def tiny_config(family="dit_air", arg="tiny", **train):
     c.model.update(depth=2, width=64, num_heads=4, pos_embed_max_size=16)
     if family in ("d2it", "dvae"):  # trunk of 1 block + a 1-block RefineNet; tiny DVAE
         c.model.refine_depth = 1
-        c.vae.update(ch=16, ch_mult=(1, 2, 2))
+        c.vae.update(ch=16, ch_mult=(1, 2, 2), attn=False)
         c.d2it.update(grain_depth=1, grain_width=32, grain_heads=2)
         c.dvae.threshold_images = 64
     c.text.update(width=32, depth=1, num_heads=2, max_len=8)

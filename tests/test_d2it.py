@@ -139,7 +139,7 @@ def test_grain_sampling_unmasks_everything_and_controls_the_ratio():
 def test_content_prediction_is_constant_over_coarse_blocks():
     cfg = tiny_config("d2it", "tiny")
     cfg.dvae.threshold = 1.0
-    model = build_model(cfg)
+    model = build_model(cfg).denoiser
     variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), *example_inputs(cfg, 2)))()
     params = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape) + 1.0),
                           strip_boxes(variables["params"]))

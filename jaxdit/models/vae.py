@@ -254,3 +254,41 @@ class KLAutoencoder(nn.Module):
         z = gaussian_sample(self.make_rng("sample"), mean, logvar) if sample else mean
         return {"recon": self.decode(z), "mean": mean, "logvar": logvar,
                 "kl": gaussian_kl(mean, logvar)}
+
+
+def widen_latent(params, new_channels: int, rng=None, new_scale: float = 0.1):
+    """Progressive VAE (DiT-Air section 5.2): :class:`KLAutoencoder` params with ``z``
+    latent channels -> params of the same model with ``new_channels`` > z, keeping every
+    learned weight. The layers around the latent are the ones replaced: the encoder's
+    moments conv (``head/conv_out``, 2z -> 2 new outputs) and the decoder's input conv
+    (``decoder/conv_in``, z -> new inputs).
+
+    The old mean/log-variance outputs keep their weights; the new mean outputs start as
+    small random filters (``new_scale`` x the old filters' std) and the new log-variances
+    at 0 (unit-variance posteriors); the decoder's new input weights are zero, so the
+    widened model reconstructs exactly as before and continued training learns to use
+    the new channels. ``params`` may be boxed or plain arrays; returns plain arrays.
+    """
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    params = jax.tree.map(np.asarray, nn.unbox(params))
+    enc_k = params["head"]["conv_out"]["kernel"]
+    enc_b = params["head"]["conv_out"]["bias"]
+    z = enc_k.shape[-1] // 2
+    if new_channels <= z:
+        raise ValueError(f"widen_latent: new_channels={new_channels} must exceed the current "
+                         f"{z} latent channels.")
+    extra = new_channels - z
+    rng = np.random.default_rng(0) if rng is None else rng
+    noise = rng.normal(0.0, new_scale * float(enc_k[..., :z].std()), enc_k.shape[:-1] + (extra,))
+    zeros_k = np.zeros(enc_k.shape[:-1] + (extra,), enc_k.dtype)
+    kernel = np.concatenate([enc_k[..., :z], noise.astype(enc_k.dtype), enc_k[..., z:], zeros_k], -1)
+    bias = np.concatenate([enc_b[:z], np.zeros(extra, enc_b.dtype), enc_b[z:],
+                           np.zeros(extra, enc_b.dtype)])
+    dec_k = params["decoder"]["conv_in"]["kernel"]
+    dec_k = np.concatenate([dec_k, np.zeros(dec_k.shape[:2] + (extra,) + dec_k.shape[3:],
+                                            dec_k.dtype)], axis=2)
+    out = jax.tree.map(lambda x: x, params)
+    out["head"] = {**params["head"], "conv_out": {"kernel": kernel, "bias": bias}}
+    out["decoder"] = {**params["decoder"],
+                      "conv_in": {**params["decoder"]["conv_in"], "kernel": dec_k}}
+    return out

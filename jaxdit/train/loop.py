@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdit.config_lib import ConfigError
 from jaxdit.data import prompts, shapes
 from jaxdit.data.cache import CachedSource, cached_example, configure_from_cache
 from jaxdit.data.grains import resolve_threshold
@@ -31,21 +32,19 @@ from jaxdit.models.registry import AUTOENCODER_FAMILIES, build_model, persistent
 from jaxdit.models.text import load_pretrained_text, pretrained_text_width, with_pretrained_text
 from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_divisor, batch_sharding, make_mesh
-from jaxdit.train.checkpoint import Checkpointer, load_params
+from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.metrics import MetricWriter, Progress
 from jaxdit.train.autoencoder import make_autoencoder_val_fn, make_reconstruction_fn
 from jaxdit.train.d2it import make_d2it_sample_fn, make_d2it_val_fn
 from jaxdit.train.draft import REWARDS
 from jaxdit.train.optimizers import make_optimizer
+from jaxdit.train.stages import (configure_from_vae, init_params, load_stage1_vae,
+                                  load_widened_vae)
 from jaxdit.train.state import (abstract_state, count_params, create_train_state,
                                  state_shardings)
 from jaxdit.train.step import OBJECTIVES, train_step
 
 log = logging.getLogger("jaxdit")
-
-
-class ConfigError(ValueError):
-    """A config that cannot work (raised before anything expensive happens)."""
 
 
 def validate_config(config, mesh) -> None:
@@ -187,6 +186,8 @@ class Experiment:
                                   ema_params=with_pretrained_text(state.ema_params, weights))
         if self.config.model.family == "d2it" and self.config.d2it.vae_workdir:
             state = load_stage1_vae(self, state)
+        if self.config.model.family == "kl_vae" and self.config.vae.widen_from:
+            state = load_widened_vae(self, state)
         return state
 
     def abstract_state(self):
@@ -394,92 +395,6 @@ class PreemptionGuard:
         self.fired = bool(np.any(flags))
         self.signal_name = self.signal_name or "SIGTERM on another host"
         return self.fired
-
-
-def configure_from_vae(config) -> None:
-    """D2iT stage 2: takes the DVAE architecture and grain threshold (``config.vae``,
-    ``config.dvae``) from the stage-1 run in ``d2it.vae_workdir``, and its latent size."""
-    workdir = config.d2it.vae_workdir
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
-    try:
-        stage1 = ckpt.restore_config()
-    finally:
-        ckpt.close()
-    if stage1.model.family != "dvae":
-        raise ConfigError(f"d2it.vae_workdir={workdir} trained model.family="
-                          f"{stage1.model.family!r}, not a 'dvae'.")
-    config.vae = stage1.vae
-    config.dvae = stage1.dvae
-    config.latent.update(channels=stage1.vae.z_channels,
-                         downsample=2 ** (len(stage1.vae.ch_mult) - 2))
-
-
-def load_stage1_vae(exp: Experiment, state):
-    """``state`` with the stage-1 DVAE's EMA weights under ``frozen_vae`` and the latent
-    scale set to 1 / std of the latents of ``d2it.scale_images`` training images."""
-    cfg = exp.config
-    stage1_cfg = Checkpointer(os.path.join(cfg.d2it.vae_workdir, "checkpoints"),
-                              create=False).restore_config()
-    stage1_cfg.mesh = dict(cfg.mesh)
-    stage1_cfg.dvae = cfg.dvae  # its threshold is resolved already
-    stage1 = Experiment(stage1_cfg, exp.mesh.devices.flatten().tolist())
-    previous, step = restore_workdir(stage1, cfg.d2it.vae_workdir)
-    vae_params = previous.ema_params
-
-    def place(tree, new):
-        return jax.tree.map(lambda old, x: jax.device_put(jnp.asarray(x, old.dtype),
-                                                          old.sharding), tree, new)
-
-    params = {**state.params, "frozen_vae": place(state.params["frozen_vae"], vae_params)}
-    n = max(1, min(int(cfg.d2it.scale_images), len(make_source(cfg.data, "train"))))
-    images = next(iter(make_dataset(cfg, "train", n, repeat=False)))["image"]
-    encode = jax.jit(lambda p, x: exp.model.apply({"params": p}, x, method="encode")[0])
-    latents = encode({**params, "frozen_latent_scale": jnp.ones(())}, jnp.asarray(images))
-    scale = 1.0 / max(float(jnp.std(latents)), 1e-6)
-    print(f"D2iT: DVAE from {cfg.d2it.vae_workdir} (step {step}); latent std {1 / scale:.4f} "
-          f"over {n} images -> latent scale {scale:.4f}", flush=True)
-    params["frozen_latent_scale"] = jax.device_put(
-        jnp.asarray(scale, state.params["frozen_latent_scale"].dtype),
-        state.params["frozen_latent_scale"].sharding)
-    ema = {**state.ema_params, "frozen_vae": jax.tree.map(jnp.copy, params["frozen_vae"]),
-           "frozen_latent_scale": jnp.copy(params["frozen_latent_scale"])}
-    return state.replace(params=params, ema_params=ema)
-
-
-def restore_workdir(exp: Experiment, workdir: str):
-    """``(state, step)`` of the latest checkpoint of the training run in ``workdir``,
-    restored into ``exp``'s state layout."""
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
-    try:
-        return ckpt.restore(exp.abstract_state())
-    finally:
-        ckpt.close()
-
-
-def init_params(state, exp: Experiment, source: str):
-    """``state`` with weights loaded from ``source`` (``train.init_params_from``):
-
-    * a training workdir (it has ``checkpoints/``): the EMA weights of its latest checkpoint
-      become the params and the EMA of this run, whose optimizer starts fresh: the next
-      stage of a multi-stage schedule (e.g. 256 then 512 pixels with a larger
-      ``diffusion.shift``, or SFT on other data). The model must be the same (the
-      resolution may change: positions are computed, not learned) and so must the
-      optimizer's state layout (the checkpoint is restored whole);
-    * a params-only checkpoint ``{"denoiser": ...}`` (``tools/convert_diffusers.py``): the
-      denoiser's params; everything else keeps its initialisation.
-    """
-    if os.path.isdir(os.path.join(source, "checkpoints")):
-        previous, step = restore_workdir(exp, source)
-        print(f"Initialised from the EMA weights of {source} (step {step})", flush=True)
-        return state.replace(params=previous.ema_params,
-                             ema_params=jax.tree.map(jnp.copy, previous.ema_params),
-                             model_state=previous.model_state)
-    abstract = exp.abstract_state().params
-    loaded = load_params(source, {"denoiser": abstract["denoiser"]})["denoiser"]
-    print(f"Initialised the denoiser from {source}", flush=True)
-    params = {**state.params, "denoiser": loaded}
-    ema = {**state.ema_params, "denoiser": jax.tree.map(jnp.copy, loaded)}
-    return state.replace(params=params, ema_params=ema)
 
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:

@@ -2,6 +2,7 @@
 counts of its configs, and both stages trained end to end (shapes data and a folder)."""
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +11,14 @@ import pytest
 from PIL import Image
 
 from jaxdit import config_lib
+from jaxdit.cli.eval import evaluate_step
 from jaxdit.data.grains import dataset_entropies, percentile_table, threshold_for_ratio
 from jaxdit.diffusion.multigrain import (dynamic_grain_loss, masked_grain_tokens,
                                          sample_grain_map)
 from jaxdit.models.d2it import MASK_TOKEN, param_counts
 from jaxdit.models.dvae import DVAE, multigrain_noise, neighbor_copy, region_entropy
 from jaxdit.models.registry import build_model
+from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.loop import example_inputs, train_and_evaluate
 from jaxdit.train.state import strip_boxes
 from tests.helpers import tiny_config
@@ -221,3 +224,10 @@ def test_both_stages_train_and_sample_grain_map_then_content(tmp_path, source):
     rows = [json.loads(x) for x in open(tmp_path / "d2it" / "metrics.jsonl", encoding="utf-8")]
     assert 0.0 < rows[0]["fine_ratio"] < 1.0
     assert os.listdir(tmp_path / "d2it" / "checkpoints") == ["2"]
+    if source == "shapes":  # the stage-2 checkpoint is self-contained: evaluate it alone
+        shutil.rmtree(tmp_path / "dvae")
+        ckpt = Checkpointer(str(tmp_path / "d2it" / "checkpoints"), create=False)
+        res = evaluate_step(ckpt, None, num_samples=2, sample_batch=2)
+        ckpt.close()
+        assert res["step"] == 2 and np.isfinite(res["val/loss"])
+        assert 0.0 <= res["align/overall"] <= 1.0

@@ -37,7 +37,7 @@ flags.mark_flags_as_required(["workdir"])
 def sample_alignment(exp: Experiment, state, num: int, batch: int, seed: int) -> dict:
     """Alignment scores of ``num`` samples (shapes data only; {} elsewhere)."""
     cfg = exp.config
-    if num <= 0 or cfg.data.source != "shapes":
+    if num <= 0 or cfg.data.source != "shapes" or cfg.train.objective == "autoencoder":
         return {}
     class_cond = cfg.text.kind == "none"
     if class_cond:  # the class names are captions of the grammar
@@ -53,7 +53,8 @@ def sample_alignment(exp: Experiment, state, num: int, batch: int, seed: int) ->
         _, cond = sample_condition(exp, **{"labels" if class_cond else "captions": padded})
         out = exp.sample_fn(state_variables(state), {k: jnp.asarray(v) for k, v in cond.items()},
                             jax.random.PRNGKey(seed + lo))
-        images += list(np.asarray(out)[:len(chunk)])
+        # D2iT grids put the grain map right of each sample: score the image only
+        images += list(np.asarray(out)[:len(chunk), :, :cfg.data.image_size])
     return alignment_scores(images, names)
 
 

@@ -28,6 +28,8 @@ def configure_from_vae(config) -> None:
     """D2iT stage 2: takes the DVAE architecture and grain threshold (``config.vae``,
     ``config.dvae``) from the stage-1 run in ``d2it.vae_workdir``, and its latent size."""
     workdir = config.d2it.vae_workdir
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")) and config.dvae.threshold >= 0:
+        return  # a stage-2 run's saved config: its checkpoints hold the DVAE already
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
     try:
         stage1 = ckpt.restore_config()

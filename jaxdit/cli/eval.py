@@ -4,8 +4,9 @@ Evaluates checkpoints of a training workdir with the config saved in them: valid
 loss (flow-matching loss on ``train.val_batches`` validation batches, EMA weights, the
 per-``t`` breakdown of ``eval.t_grid``) and, on the shapes data, the text-image alignment
 score of samples drawn for the first ``--num_samples`` validation captions (or class names
-for class-conditional models), per category (:mod:`jaxdit.eval.alignment`). Results are
-printed and written to ``DIR/eval/step_<N>.json``.
+for class-conditional models), per category (:mod:`jaxdit.eval.alignment`); with
+``--inception_weights`` also the FID of those samples against as many validation images
+(:mod:`jaxdit.eval.fid`). Results are printed and written to ``DIR/eval/step_<N>.json``.
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxdit.data import shapes
+from jaxdit.data.pipeline import make_source
 from jaxdit.eval.alignment import alignment_scores
+from jaxdit.eval.fid import fid, load_inception
 from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.loop import (Experiment, evaluate, sample_condition, state_variables,
                                validation_captions)
@@ -31,14 +34,16 @@ flags.DEFINE_bool("all_steps", False, "Evaluate every checkpoint in the workdir.
 flags.DEFINE_integer("num_samples", 64, "Samples for the alignment score (0: skip).")
 flags.DEFINE_integer("sample_batch", 32, "Samples per sampler call.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
+flags.DEFINE_string("inception_weights", None, "FID: .npz of pytorch-fid's InceptionV3 "
+                    "state dict (see jaxdit/eval/fid.py); FID of --num_samples samples "
+                    "against as many validation images.")
 flags.mark_flags_as_required(["workdir"])
 
 
-def sample_alignment(exp: Experiment, state, num: int, batch: int, seed: int) -> dict:
-    """Alignment scores of ``num`` samples (shapes data only; {} elsewhere)."""
+def draw_samples(exp: Experiment, state, num: int, batch: int, seed: int):
+    """``(images (num, S, S, 3) in [-1, 1], their captions or class names)``: samples for
+    the first ``num`` validation captions, or for classes 0, 1, ... (class-conditional)."""
     cfg = exp.config
-    if num <= 0 or cfg.data.source != "shapes" or cfg.train.objective == "autoencoder":
-        return {}
     class_cond = cfg.text.kind == "none"
     if class_cond:  # the class names are captions of the grammar
         wanted = [i % cfg.model.num_classes for i in range(num)]
@@ -55,12 +60,37 @@ def sample_alignment(exp: Experiment, state, num: int, batch: int, seed: int) ->
                             jax.random.PRNGKey(seed + lo))
         # D2iT grids put the grain map right of each sample: score the image only
         images += list(np.asarray(out)[:len(chunk), :, :cfg.data.image_size])
-    return alignment_scores(images, names)
+    return np.stack(images), names
+
+
+def validation_images(cfg, num: int) -> np.ndarray:
+    """The first ``num`` validation images, (num, S, S, 3) in [-1, 1]."""
+    source = make_source(cfg.data, "val")
+    return np.stack([source[i]["image"] for i in range(min(num, len(source)))]
+                    ).astype(np.float32) / 127.5 - 1.0
+
+
+def sample_metrics(exp: Experiment, state, num: int, batch: int, seed: int,
+                   inception=None) -> dict:
+    """Alignment scores (shapes data) and, given ``inception = (model, params)``
+    (:func:`jaxdit.eval.fid.load_inception`), the FID of ``num`` samples against ``num``
+    validation images. {} for autoencoders or ``num <= 0``."""
+    cfg = exp.config
+    if num <= 0 or cfg.train.objective == "autoencoder":
+        return {}
+    if cfg.data.source != "shapes" and inception is None:
+        return {}
+    images, names = draw_samples(exp, state, num, batch, seed)
+    out = alignment_scores(list(images), names) if cfg.data.source == "shapes" else {}
+    if inception is not None:
+        out["fid"] = fid(*inception, images, validation_images(cfg, num), batch=batch)
+    return out
 
 
 def evaluate_step(ckpt: Checkpointer, step: int | None, num_samples: int = 64,
-                  sample_batch: int = 32, seed: int = 0) -> dict:
-    """Validation loss and alignment scores of checkpoint ``step`` (None: latest)."""
+                  sample_batch: int = 32, seed: int = 0, inception=None) -> dict:
+    """Validation loss, alignment scores and (with ``inception``) FID of checkpoint
+    ``step`` (None: latest)."""
     config = ckpt.restore_config(step)
     config.mesh = {"data": 1}
     config.train.batch_size = max(1, config.train.batch_size // jax.process_count())
@@ -70,7 +100,7 @@ def evaluate_step(ckpt: Checkpointer, step: int | None, num_samples: int = 64,
         state, step = ckpt.restore(exp.abstract_state(), step=step)
         val = evaluate(exp, state, step, MetricWriter("", enabled=False))
         results = {k: float(v) for k, v in val.items()}
-        results.update(sample_alignment(exp, state, num_samples, sample_batch, seed))
+        results.update(sample_metrics(exp, state, num_samples, sample_batch, seed, inception))
     return {"step": int(step), **results}
 
 
@@ -83,8 +113,10 @@ def main(argv):
         raise app.UsageError(f"No checkpoints in {FLAGS.workdir}/checkpoints.")
     out_dir = os.path.join(FLAGS.workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
+    inception = load_inception(FLAGS.inception_weights) if FLAGS.inception_weights else None
     for step in steps:
-        results = evaluate_step(ckpt, step, FLAGS.num_samples, FLAGS.sample_batch, FLAGS.seed)
+        results = evaluate_step(ckpt, step, FLAGS.num_samples, FLAGS.sample_batch, FLAGS.seed,
+                                inception)
         path = os.path.join(out_dir, f"step_{results['step']:07d}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)

@@ -131,14 +131,16 @@ class InceptionE(nn.Module):
 
 class InceptionV3(nn.Module):
     """Images ``(B, H, W, 3)`` in [-1, 1] -> pool features ``(B, 2048)`` (fp32).
-    ``resize``: bilinear resize to 299 first (pytorch-fid); inputs must be >= 75 px."""
+    ``resize``: bilinear resize to ``size`` first (299, as pytorch-fid; a smaller size
+    only for cheap tests); without it inputs must be >= 75 px."""
     resize: bool = True
+    size: int = INPUT_SIZE
 
     @nn.compact
     def __call__(self, x):
         x = x.astype(jnp.float32)
         if self.resize:
-            x = jax.image.resize(x, (x.shape[0], INPUT_SIZE, INPUT_SIZE, 3), "bilinear")
+            x = jax.image.resize(x, (x.shape[0], self.size, self.size, 3), "bilinear")
         x = BasicConv(32, (3, 3), 2, name="Conv2d_1a_3x3")(x)
         x = BasicConv(32, (3, 3), name="Conv2d_2a_3x3")(x)
         x = BasicConv(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
@@ -198,10 +200,9 @@ def torch_from_params(params) -> dict:
     return out
 
 
-def load_inception(path: str, resize: bool = True):
+def load_inception(path: str, resize: bool = True, size: int = INPUT_SIZE):
     """``(model, params)`` from an ``.npz`` state dict (see the module docstring)."""
-    model = InceptionV3(resize)
-    size = INPUT_SIZE if resize else 80
+    model = InceptionV3(resize, size)
     expected = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                               jnp.zeros((1, size, size, 3)))["params"]
     with np.load(path) as data:

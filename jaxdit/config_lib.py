@@ -292,7 +292,8 @@ def autoencoder_sections(config):
         scale_images=256,  # images whose latent std sets the latent scale
         grain_depth=8, grain_width=256, grain_heads=4, grain_weight=1.0,
         fine_weight=1.0, coarse_weight=1.0,
-        grain_steps=8, grain_temperature=1.0, sample_fine_ratio=0.0, grain_cfg_scale=1.0))
+        grain_steps=8, grain_temperature=1.0, grain_choice_temperature=4.5,
+        sample_fine_ratio=0.0, grain_cfg_scale=1.0))
     return config
 
 

@@ -76,7 +76,7 @@ def grain_cross_entropy(logits, grain_tokens, masked):
 
 def sample_grain_map(logits_fn, label, rng, grid: tuple[int, int], *, num_steps: int = 8,
                      temperature: float = 1.0, fine_ratio: float = 0.0,
-                     cfg_scale: float = 1.0):
+                     cfg_scale: float = 1.0, choice_temperature: float = 4.5):
     """Draws grain maps ``(B, h, w)`` int32 by iterative unmasking (MaskGIT).
 
     ``logits_fn(tokens (B, N), mask_ratio (B,), label (B,)) -> (B, N, 2)``. Each of
@@ -85,6 +85,9 @@ def sample_grain_map(logits_fn, label, rng, grid: tuple[int, int], *, num_steps:
     ``fine_ratio`` > 0 fixes the number of fine regions to ``round(fine_ratio * N)``
     exactly: proposals are fine for the remaining budget's most likely-fine masked
     regions, coarse elsewhere. ``cfg_scale`` != 1 guides the logits with the null class.
+    ``choice_temperature``: Gumbel noise on the log-confidences when choosing which
+    proposals to keep, annealed to 0 over the steps (MaskGIT's; without it the
+    most-confident-first order drifts every map towards one grain).
     """
     h, w = grid
     b, n = label.shape[0], h * w
@@ -110,7 +113,10 @@ def sample_grain_map(logits_fn, label, rng, grid: tuple[int, int], *, num_steps:
             proposal = (rank < budget[:, None]).astype(jnp.int32)
         else:
             proposal = jax.random.bernoulli(key, p_fine).astype(jnp.int32)
-        confidence = jnp.where(proposal == 1, p_fine, 1.0 - p_fine)
+        confidence = jnp.log(jnp.where(proposal == 1, p_fine, 1.0 - p_fine) + 1e-20)
+        k_choice = jax.random.fold_in(key, 1)
+        noise = choice_temperature * (1.0 - (i + 1.0) / num_steps)
+        confidence = confidence + noise * jax.random.gumbel(k_choice, confidence.shape)
         keep_masked = jnp.floor(mask_schedule((i + 1.0) / num_steps) * n).astype(jnp.int32)
         num_commit = masked.sum(axis=1) - keep_masked
         commit = masked & (_ranks(jnp.where(masked, confidence, -jnp.inf)) < num_commit[:, None])

@@ -83,8 +83,9 @@ def grain_image(grain, size: int):
 def make_d2it_sample_fn(model, config, image_size: int):
     """Jitted ``(variables, {"label"}, rng) -> (B, S, 2S, 3)``: each sample beside its grain
     map. Grain maps come from the grain transformer (``d2it.grain_steps`` unmasking
-    steps, ``d2it.grain_temperature``, ``d2it.sample_fine_ratio`` > 0 fixes the fine
-    ratio, ``d2it.grain_cfg_scale``); content from ``config.sampler`` (an ODE method)."""
+    steps, ``d2it.grain_temperature``, ``d2it.grain_choice_temperature``,
+    ``d2it.sample_fine_ratio`` > 0 fixes the fine ratio, ``d2it.grain_cfg_scale``); content
+    from ``config.sampler`` (an ODE method)."""
     s, d = config.sampler, config.d2it
     f = 2 ** (len(config.vae.ch_mult) - 2)
     side = image_size // f
@@ -102,7 +103,9 @@ def make_d2it_sample_fn(model, config, image_size: int):
                                  num_steps=int(d.grain_steps),
                                  temperature=float(d.grain_temperature),
                                  fine_ratio=float(d.sample_fine_ratio),
-                                 cfg_scale=float(d.grain_cfg_scale))
+                                 cfg_scale=float(d.grain_cfg_scale),
+                                 choice_temperature=float(d.get("grain_choice_temperature",
+                                                                4.5)))
 
         def apply(x, t, c):
             return model.apply(variables, x, t, c)

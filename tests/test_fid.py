@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdit.eval.fid import (InceptionV3, feature_stats, fid, frechet_distance, load_inception,
+from jaxdit.eval.fid import (InceptionV3, feature_stats, frechet_distance, load_inception,
                              torch_from_params)
 
 
@@ -34,14 +34,10 @@ def test_inception_features_and_weight_loading(tmp_path):
     assert "Mixed_7c.branch3x3dbl_3b.bn.running_var" in state
     assert state["Conv2d_1a_3x3.conv.weight"].shape == (32, 3, 3, 3)  # torch (out, in, kh, kw)
     np.savez(path, **state)
-    loaded_model, loaded = load_inception(path, resize=False)
-    apply = jax.jit(lambda p, x: loaded_model.apply({"params": p}, x))
-    feats = apply(loaded, images)
-    assert feats.shape == (4, 2048) and bool(jnp.isfinite(feats).all())
-    np.testing.assert_allclose(feats, apply(params, images), rtol=1e-5, atol=1e-6)
-    # same set -> 0; a shifted set -> larger
-    other = jnp.clip(images * 0.2 + 0.6, -1, 1)
-    assert fid(loaded_model, loaded, images, other, batch=4) > 0
+    _, loaded = load_inception(path, resize=False)
+    # the round trip gives back every weight (the forward pass and FID of a loaded network
+    # run in tests/test_cli.py through `jaxdit.eval`)
+    jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
     del state["Mixed_5b.branch1x1.conv.weight"]
     np.savez(path, **state)
     with pytest.raises(KeyError, match="Mixed_5b.branch1x1.conv.weight"):

@@ -5,9 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit import config_lib
-from jaxdit.data.pipeline import make_source
 from jaxdit.models.vae import KLAutoencoder, widen_latent
-from jaxdit.train.loop import Experiment, train_and_evaluate
+from jaxdit.train.loop import Experiment, train_and_evaluate, validation_images
 
 
 def test_widen_latent_keeps_the_reconstruction():
@@ -44,8 +43,9 @@ def test_progressive_run_starts_from_the_narrow_vae(tmp_path):
     exp = Experiment(c8, one)
     with exp.context():
         state = exp.create_state()
-        val = exp.val_loss_fn({"params": state.params}, {"image": jnp.asarray(
-            np.stack([exp_image(exp, i) for i in range(8)]))}, jax.random.PRNGKey(0))
+        val = exp.val_loss_fn({"params": state.params},
+                              {"image": jnp.asarray(validation_images(c8, 8)[1])},
+                              jax.random.PRNGKey(0))
     # the widened model reconstructs the validation images as the 4-channel one did
     np.testing.assert_allclose(float(val["mse"]), out4["val/mse"], rtol=0.05)
     np.testing.assert_array_equal(jax.device_get(state.params["decoder"]["conv_in"]["kernel"])[
@@ -59,7 +59,3 @@ def test_progressive_run_starts_from_the_narrow_vae(tmp_path):
     else:
         raise AssertionError("a different architecture must be refused")
 
-
-def exp_image(exp, i):
-    """Validation image ``i`` of ``exp``'s data, normalised as the pipeline does."""
-    return make_source(exp.config.data, "val")[i]["image"].astype(np.float32) / 127.5 - 1.0

@@ -16,7 +16,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxdit.data.grains import dataset_entropies, percentile_table, region_size, threshold_for_ratio
+from jaxdit.data.grains import dataset_entropies, percentile_table, threshold_for_ratio
+from jaxdit.models.dvae import region_size
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config.")
 flags.DEFINE_integer("num_images", 5000, "Training images to read.")
@@ -30,7 +31,7 @@ def main(argv):
     ent = dataset_entropies(config, FLAGS.num_images)
     table = percentile_table(ent)
     d = config.dvae
-    out = {"percentiles": table, "region": region_size(config), "bins": int(d.bins),
+    out = {"percentiles": table, "region": region_size(config.vae.ch_mult), "bins": int(d.bins),
            "sigma": float(d.sigma), "num_regions": int(ent.size)}
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w", encoding="utf-8") as f:

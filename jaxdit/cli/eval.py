@@ -19,12 +19,11 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxdit.data import shapes
-from jaxdit.data.pipeline import make_source
 from jaxdit.eval.alignment import alignment_scores
 from jaxdit.eval.fid import fid, load_inception
 from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.loop import (Experiment, evaluate, sample_condition, state_variables,
-                               validation_captions)
+                               validation_captions, validation_images)
 from jaxdit.train.metrics import MetricWriter
 
 FLAGS = flags.FLAGS
@@ -63,13 +62,6 @@ def draw_samples(exp: Experiment, state, num: int, batch: int, seed: int):
     return np.stack(images), names
 
 
-def validation_images(cfg, num: int) -> np.ndarray:
-    """The first ``num`` validation images, (num, S, S, 3) in [-1, 1]."""
-    source = make_source(cfg.data, "val")
-    return np.stack([source[i]["image"] for i in range(min(num, len(source)))]
-                    ).astype(np.float32) / 127.5 - 1.0
-
-
 def sample_metrics(exp: Experiment, state, num: int, batch: int, seed: int,
                    inception=None) -> dict:
     """Alignment scores (shapes data) and, given ``inception = (model, params)``
@@ -83,7 +75,7 @@ def sample_metrics(exp: Experiment, state, num: int, batch: int, seed: int,
     images, names = draw_samples(exp, state, num, batch, seed)
     out = alignment_scores(list(images), names) if cfg.data.source == "shapes" else {}
     if inception is not None:
-        out["fid"] = fid(*inception, images, validation_images(cfg, num), batch=batch)
+        out["fid"] = fid(*inception, images, validation_images(cfg, num)[1], batch=batch)
     return out
 
 

@@ -15,14 +15,9 @@ import jax
 import numpy as np
 
 from jaxdit.data.pipeline import make_source
-from jaxdit.models.dvae import region_entropy
+from jaxdit.models.dvae import region_entropy, region_size
 
 PERCENTILES = tuple(range(1, 100))
-
-
-def region_size(config) -> int:
-    """Pixels per grain-map region: the coarse downsampling ``2**(len(vae.ch_mult)-1)``."""
-    return 2 ** (len(config.vae.ch_mult) - 1)
 
 
 def dataset_entropies(config, num_images: int, split: str = "train",
@@ -33,7 +28,7 @@ def dataset_entropies(config, num_images: int, split: str = "train",
     if n == 0:
         raise ValueError(f"The {split} split is empty: no images to compute thresholds from.")
     d = config.dvae
-    fn = jax.jit(lambda x: region_entropy(x, region_size(config), int(d.bins), float(d.sigma)))
+    fn = jax.jit(lambda x: region_entropy(x, region_size(config.vae.ch_mult), int(d.bins), float(d.sigma)))
     out = []
     for start in range(0, n, batch):
         imgs = np.stack([source[i]["image"] for i in range(start, min(n, start + batch))])

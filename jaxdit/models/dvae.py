@@ -39,6 +39,16 @@ Dtype = Any
 GRAY = (0.2989, 0.5870, 0.1140)
 
 
+def fine_downsample(ch_mult) -> int:
+    """Pixels per fine latent cell of a DVAE with encoder levels ``ch_mult``."""
+    return 2 ** (len(ch_mult) - 2)
+
+
+def region_size(ch_mult) -> int:
+    """Pixels per grain-map region (one coarse cell) of a DVAE with levels ``ch_mult``."""
+    return 2 * fine_downsample(ch_mult)
+
+
 def region_entropy(images, region: int, bins: int = 32, sigma: float = 0.01):
     """Per-region entropy of gray intensities: ``(B, H, W, 3)`` in [-1, 1] ->
     ``(B, H/region, W/region)`` float32 (see the module docstring)."""
@@ -111,12 +121,12 @@ class DVAE(nn.Module):
     @property
     def downsample(self) -> int:
         """Pixels per fine latent cell."""
-        return 2 ** self.fine_level
+        return fine_downsample(self.ch_mult)
 
     @property
     def region(self) -> int:
         """Pixels per grain-map region (one coarse cell)."""
-        return 2 * self.downsample
+        return region_size(self.ch_mult)
 
     def setup(self):
         if len(self.ch_mult) < 2:

@@ -14,7 +14,8 @@ from jaxdit.diffusion import flow
 from jaxdit.diffusion.multigrain import (dynamic_grain_loss, grain_cross_entropy,
                                          masked_grain_tokens, sample_grain_map)
 from jaxdit.diffusion.samplers import cfg_model, sample
-from jaxdit.models.dvae import multigrain_noise
+from jaxdit.models.dvae import fine_downsample, multigrain_noise
+from jaxdit.models.registry import drop_condition
 
 # Grain-map colours of the sample grids (the paper's Fig. 3: red fine, blue coarse).
 FINE_RGB, COARSE_RGB = (0.85, -0.7, -0.7), (-0.7, -0.4, 0.85)
@@ -27,9 +28,9 @@ def d2it_loss_fn(params, model_state, batch, rng, *, model, cfg):
     b = x0.shape[0]
     k_t, k_noise, k_drop, k_mask = jax.random.split(rng, 4)
     label = batch["label"]
-    if cfg.data.caption_dropout > 0:
+    if cfg.data.caption_dropout > 0:  # label dropout: the null class -1 for CFG
         keep = jax.random.uniform(k_drop, (b,)) >= cfg.data.caption_dropout
-        label = jnp.where(keep, label, -1)
+        label = drop_condition({"label": label}, keep)["label"]
     d = cfg.diffusion
     t = flow.sample_t(k_t, b, kind=d.t_sampling, mean=d.t_mean, std=d.t_std, shift=d.shift)
     noise = multigrain_noise(k_noise, x0.shape, grain, x0.dtype)
@@ -87,8 +88,7 @@ def make_d2it_sample_fn(model, config, image_size: int):
     ``d2it.sample_fine_ratio`` > 0 fixes the fine ratio, ``d2it.grain_cfg_scale``); content
     from ``config.sampler`` (an ODE method)."""
     s, d = config.sampler, config.d2it
-    f = 2 ** (len(config.vae.ch_mult) - 2)
-    side = image_size // f
+    side = image_size // fine_downsample(config.vae.ch_mult)
     channels = config.latent.channels
 
     def sample_fn(variables, cond, rng):

@@ -28,6 +28,7 @@ from jaxdit.data.grains import resolve_threshold
 from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
+from jaxdit.models.dvae import fine_downsample, region_size
 from jaxdit.models.registry import AUTOENCODER_FAMILIES, build_model, persistent_variables
 from jaxdit.models.text import load_pretrained_text, pretrained_text_width, with_pretrained_text
 from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
@@ -60,7 +61,7 @@ def validate_config(config, mesh) -> None:
         raise ConfigError(f"model.family='d2it' trains with train.objective='d2it' and only "
                           f"it (model.family={family!r}, objective {t.objective!r}).")
     if family in ("dvae", "d2it"):
-        region = 2 ** (len(config.vae.ch_mult) - 1)
+        region = region_size(config.vae.ch_mult)
         if config.data.image_size % region:
             raise ConfigError(f"data.image_size={config.data.image_size} must be a multiple of "
                               f"the DVAE region size {region} (2**(len(vae.ch_mult)-1)).")
@@ -70,9 +71,10 @@ def validate_config(config, mesh) -> None:
                               "the multi-grained structure): set sampler.sde=False.")
         if config.d2it.grain_steps < 1:
             raise ConfigError(f"d2it.grain_steps must be >= 1, got {config.d2it.grain_steps}.")
-        if config.latent.downsample != 2 ** (len(config.vae.ch_mult) - 2):
+        fine = fine_downsample(config.vae.ch_mult)
+        if config.latent.downsample != fine:
             raise ConfigError(f"latent.downsample={config.latent.downsample} must be the DVAE's "
-                              f"fine downsampling {2 ** (len(config.vae.ch_mult) - 2)}.")
+                              f"fine downsampling {fine}.")
     if t.objective == "draft":
         d = config.draft
         if d.reward not in REWARDS:
@@ -271,6 +273,15 @@ def validation_captions(config, n: int) -> list[str]:
     return [source[i]["caption"] for i in range(min(n, len(source)))]
 
 
+def validation_images(config, n: int) -> tuple[list[str], np.ndarray]:
+    """Captions and images ``(n, S, S, 3)`` in [-1, 1] of the first ``n`` validation
+    examples, normalised as the pipeline does."""
+    source = make_source(config.data, "val")
+    recs = [source[i] for i in range(min(n, len(source)))]
+    images = np.stack([r["image"] for r in recs]).astype(np.float32) / 127.5 - 1.0
+    return [r["caption"] for r in recs], images
+
+
 def label_names(config, labels) -> list[str]:
     """Readable class names (the shapes data's "a red circle", else "class <i>")."""
     if config.data.source == "shapes":
@@ -284,10 +295,8 @@ def sample_condition(exp: Experiment, captions=None, labels=None):
     cfg = exp.config
     n = cfg.sampler.num_samples
     if cfg.train.objective == "autoencoder":  # reconstructions of validation images
-        source = make_source(cfg.data, "val")
-        recs = [source[i] for i in range(min(n, len(source)))]
-        images = np.stack([r["image"] for r in recs]).astype(np.float32) / 127.5 - 1.0
-        return [r["caption"] for r in recs], {"image": images}
+        captions, images = validation_images(cfg, n)
+        return captions, {"image": images}
     if cfg.text.kind == "none":
         labels = list(labels) if labels is not None else [i % cfg.model.num_classes
                                                           for i in range(n)]

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxdit.config_lib import ConfigError
 from jaxdit.data.pipeline import make_dataset, make_source
+from jaxdit.models.dvae import fine_downsample
 from jaxdit.models.vae import widen_latent
 from jaxdit.train.checkpoint import Checkpointer, load_params
 
@@ -30,37 +31,25 @@ def configure_from_vae(config) -> None:
     workdir = config.d2it.vae_workdir
     if not os.path.isdir(os.path.join(workdir, "checkpoints")) and config.dvae.threshold >= 0:
         return  # a stage-2 run's saved config: its checkpoints hold the DVAE already
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
-    try:
-        stage1 = ckpt.restore_config()
-    finally:
-        ckpt.close()
+    stage1 = saved_config(workdir)
     if stage1.model.family != "dvae":
         raise ConfigError(f"d2it.vae_workdir={workdir} trained model.family="
                           f"{stage1.model.family!r}, not a 'dvae'.")
     config.vae = stage1.vae
     config.dvae = stage1.dvae
     config.latent.update(channels=stage1.vae.z_channels,
-                         downsample=2 ** (len(stage1.vae.ch_mult) - 2))
+                         downsample=fine_downsample(stage1.vae.ch_mult))
 
 
 def load_stage1_vae(exp, state):
     """``state`` with the stage-1 DVAE's EMA weights under ``frozen_vae`` and the latent
     scale set to 1 / std of the latents of ``d2it.scale_images`` training images."""
     cfg = exp.config
-    stage1_cfg = Checkpointer(os.path.join(cfg.d2it.vae_workdir, "checkpoints"),
-                              create=False).restore_config()
-    stage1_cfg.mesh = dict(cfg.mesh)
+    stage1_cfg = saved_config(cfg.d2it.vae_workdir)
     stage1_cfg.dvae = cfg.dvae  # its threshold is resolved already
-    stage1 = type(exp)(stage1_cfg, exp.mesh.devices.flatten().tolist())
-    previous, step = restore_workdir(stage1, cfg.d2it.vae_workdir)
-    vae_params = previous.ema_params
-
-    def place(tree, new):
-        return jax.tree.map(lambda old, x: jax.device_put(jnp.asarray(x, old.dtype),
-                                                          old.sharding), tree, new)
-
-    params = {**state.params, "frozen_vae": place(state.params["frozen_vae"], vae_params)}
+    previous, step = restore_earlier_run(exp, stage1_cfg, cfg.d2it.vae_workdir)
+    params = {**state.params,
+              "frozen_vae": place_like(state.params["frozen_vae"], previous.ema_params)}
     n = max(1, min(int(cfg.d2it.scale_images), len(make_source(cfg.data, "train"))))
     images = next(iter(make_dataset(cfg, "train", n, repeat=False)))["image"]
     encode = jax.jit(lambda p, x: exp.model.apply({"params": p}, x, method="encode")[0])
@@ -68,9 +57,7 @@ def load_stage1_vae(exp, state):
     scale = 1.0 / max(float(jnp.std(latents)), 1e-6)
     print(f"D2iT: DVAE from {cfg.d2it.vae_workdir} (step {step}); latent std {1 / scale:.4f} "
           f"over {n} images -> latent scale {scale:.4f}", flush=True)
-    params["frozen_latent_scale"] = jax.device_put(
-        jnp.asarray(scale, state.params["frozen_latent_scale"].dtype),
-        state.params["frozen_latent_scale"].sharding)
+    params["frozen_latent_scale"] = place_like(state.params["frozen_latent_scale"], scale)
     ema = {**state.ema_params, "frozen_vae": jax.tree.map(jnp.copy, params["frozen_vae"]),
            "frozen_latent_scale": jnp.copy(params["frozen_latent_scale"])}
     return state.replace(params=params, ema_params=ema)
@@ -80,8 +67,7 @@ def load_widened_vae(exp, state):
     """Progressive VAE: ``state`` with the EMA weights of the narrower KL-VAE run in
     ``vae.widen_from``, widened to ``vae.z_channels`` (params and EMA; fresh optimizer)."""
     cfg = exp.config
-    source = Checkpointer(os.path.join(cfg.vae.widen_from, "checkpoints"),
-                          create=False).restore_config()
+    source = saved_config(cfg.vae.widen_from)
     if source.model.family != "kl_vae":
         raise ConfigError(f"vae.widen_from={cfg.vae.widen_from} trained model.family="
                           f"{source.model.family!r}, not 'kl_vae'.")
@@ -90,15 +76,35 @@ def load_widened_vae(exp, state):
            for k in fields):
         raise ConfigError(f"vae.widen_from={cfg.vae.widen_from}: its vae {fields} must equal "
                           "this run's; only z_channels may grow.")
-    source.mesh = dict(cfg.mesh)
-    narrow = type(exp)(source, exp.mesh.devices.flatten().tolist())
-    previous, step = restore_workdir(narrow, cfg.vae.widen_from)
+    previous, step = restore_earlier_run(exp, source, cfg.vae.widen_from)
     wide = widen_latent(jax.device_get(previous.ema_params), cfg.vae.z_channels)
-    params = jax.tree.map(lambda old, new: jax.device_put(jnp.asarray(new, old.dtype),
-                                                          old.sharding), state.params, wide)
+    params = place_like(state.params, wide)
     print(f"Progressive VAE: {source.vae.z_channels} -> {cfg.vae.z_channels} latent channels "
           f"from {cfg.vae.widen_from} (step {step})", flush=True)
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+
+
+def saved_config(workdir: str):
+    """The config saved in the latest checkpoint of the training run in ``workdir``."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
+    try:
+        return ckpt.restore_config()
+    finally:
+        ckpt.close()
+
+
+def place_like(tree, new):
+    """``new`` (same structure as ``tree``) as arrays with ``tree``'s dtypes and shardings."""
+    return jax.tree.map(lambda old, x: jax.device_put(jnp.asarray(x, old.dtype), old.sharding),
+                        tree, new)
+
+
+def restore_earlier_run(exp, config, workdir: str):
+    """``(state, step)`` of the run in ``workdir`` (trained with ``config``), rebuilt on
+    ``exp``'s devices and mesh."""
+    config.mesh = dict(exp.config.mesh)
+    earlier = type(exp)(config, exp.mesh.devices.flatten().tolist())
+    return restore_workdir(earlier, workdir)
 
 
 def restore_workdir(exp, workdir: str):

@@ -17,6 +17,8 @@ def tiny_config(family="dit_air", arg="tiny", **train):
         c.moe.update(capacity_factor=0.0, eval_capacity_factor=0.0, expert_impl="grouped")
     elif family in ("d2it", "dvae"):
         c = config_lib.d2it_config(arg)
+    elif family == "kl_vae":
+        c = config_lib.vae_config(arg)
     elif family == "lumina":
         c = config_lib.lumina_config(arg)
         c.model.update(num_kv_heads=2, axes_dims=(4, 6, 6), num_refiner_layers=1)
@@ -28,6 +30,8 @@ def tiny_config(family="dit_air", arg="tiny", **train):
         c.vae.update(ch=16, ch_mult=(1, 2, 2), attn=False)
         c.d2it.update(grain_depth=1, grain_width=32, grain_heads=2)
         c.dvae.threshold_images = 64
+    if family == "kl_vae":
+        c.vae.update(ch=16, ch_mult=(1, 2))
     c.text.update(width=32, depth=1, num_heads=2, max_len=8)
     c.data.update(image_size=16, num_train=256, num_val=64)
     c.train.update(batch_size=8, steps=4, log_every=1, eval_every=0, ckpt_every=2,

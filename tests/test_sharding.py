@@ -61,10 +61,11 @@ MESHES_FOR = {"tiny-4in16": ("data8", "dp2_fsdp2_tp2", "dp2_fsdp2_ep2", "dp2_ep4
               "tiny,adaln=shared": ("dp2_fsdp2_tp2",), "tiny-dense": ("dp2_fsdp2_tp2",)}
 MOE_VARIANTS = [("race_dit", "tiny-4in16"), ("race_dit", "tiny-2in8,routing=bl_choice"),
                 ("race_dit", "tiny-dense")]
-# D2iT stage 2 (frozen DVAE + grain and content transformers) and stage 1 (the DVAE, whose
-# conv weights are replicated: only the batch is split).
-D2IT_VARIANTS = [("d2it", "tiny"), ("dvae", "dvae-tiny")]
+# D2iT stage 2 (frozen DVAE + grain and content transformers), stage 1 (the DVAE) and the
+# KL-VAE (conv weights replicated: only the batch is split).
+D2IT_VARIANTS = [("d2it", "tiny"), ("dvae", "dvae-tiny"), ("kl_vae", "tiny-4ch")]
 MESHES_FOR["dvae-tiny"] = ("data8",)  # replicated weights: only the batch split differs
+MESHES_FOR["tiny-4ch"] = ("data8",)
 
 
 @pytest.mark.parametrize("family,arg", VARIANTS + MOE_VARIANTS + D2IT_VARIANTS)

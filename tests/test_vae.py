@@ -1,12 +1,20 @@
-"""KL-VAE and DiT-Air's progressive VAE: widening the latent keeps what was learned."""
+"""KL-VAE and DiT-Air's progressive VAE: widening the latent keeps what was learned; a
+trained KL-VAE as the frozen latent space of a text-to-image model."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from helpers import tiny_config
 from jaxdit import config_lib
+from jaxdit.config_lib import ConfigError
 from jaxdit.models.vae import KLAutoencoder, widen_latent
-from jaxdit.train.loop import Experiment, train_and_evaluate, validation_images
+from jaxdit.train.checkpoint import Checkpointer
+from jaxdit.train.loop import Experiment, train_and_evaluate, validation_images, write_samples
+from jaxdit.train.stages import latent_scale, restore_workdir, trained_weights
+
+ONE = jax.devices()[:1]
 
 
 def test_widen_latent_keeps_the_reconstruction():
@@ -25,21 +33,29 @@ def test_widen_latent_keeps_the_reconstruction():
     assert float(jnp.abs(after["mean"][..., 4:]).max()) > 0  # new channels carry signal
 
 
-def test_progressive_run_starts_from_the_narrow_vae(tmp_path):
-    def cfg(arg, **train):
-        c = config_lib.vae_config(arg)
-        c.vae.update(ch=16, ch_mult=(1, 2))
-        c.data.update(image_size=16, num_train=64, num_val=16)
-        c.mesh = {"data": 1}
-        c.train.update(steps=2, batch_size=8, log_every=1, eval_every=0, ckpt_every=2,
-                       val_batches=1, async_checkpointing=False, **train)
-        c.sampler.num_samples = 2
-        return c
+def _vae_config(arg):
+    c = config_lib.vae_config(arg)
+    c.vae.update(ch=16, ch_mult=(1, 2))
+    c.data.update(image_size=16, num_train=64, num_val=16)
+    c.mesh = {"data": 1}
+    c.train.update(steps=2, batch_size=8, log_every=1, eval_every=0, ckpt_every=2,
+                   val_batches=1, async_checkpointing=False)
+    c.sampler.num_samples = 2
+    return c
 
-    one = jax.devices()[:1]
-    out4 = train_and_evaluate(cfg("tiny-4ch"), str(tmp_path / "vae4"), one)
+
+@pytest.fixture(scope="module")
+def vae4(tmp_path_factory):
+    """A 2-step 4-channel tiny KL-VAE run: ``(workdir, its final metrics)``."""
+    workdir = str(tmp_path_factory.mktemp("vae4"))
+    return workdir, train_and_evaluate(_vae_config("tiny-4ch"), workdir, ONE)
+
+
+def test_progressive_run_starts_from_the_narrow_vae(vae4):
+    vae_dir, out4 = vae4
+    cfg, one = _vae_config, ONE
     c8 = cfg("tiny-8ch")
-    c8.vae.widen_from = str(tmp_path / "vae4")
+    c8.vae.widen_from = vae_dir
     exp = Experiment(c8, one)
     with exp.context():
         state = exp.create_state()
@@ -51,7 +67,7 @@ def test_progressive_run_starts_from_the_narrow_vae(tmp_path):
     np.testing.assert_array_equal(jax.device_get(state.params["decoder"]["conv_in"]["kernel"])[
         :, :, 4:], 0.0)  # the new latent channels start unused by the decoder
     bad = cfg("tiny-8ch")
-    bad.vae.update(widen_from=str(tmp_path / "vae4"), ch=8)
+    bad.vae.update(widen_from=vae_dir, ch=8)
     try:
         Experiment(bad, one).create_state()
     except ValueError as e:
@@ -59,3 +75,56 @@ def test_progressive_run_starts_from_the_narrow_vae(tmp_path):
     else:
         raise AssertionError("a different architecture must be refused")
 
+
+
+def _latent_config(vae_dir):
+    c = tiny_config()  # dit_air, 16 px
+    c.model.patch_size = 2
+    c.latent.update(kind="kl_vae", vae_workdir=vae_dir, scale_images=16)
+    c.mesh = {"data": 1}
+    c.train.steps = 2
+    return c
+
+
+@pytest.fixture(scope="module")
+def latent_run(vae4, tmp_path_factory):
+    """A 2-step DiT-Air run on the latents of the ``vae4`` KL-VAE: ``(workdir, metrics)``."""
+    workdir = str(tmp_path_factory.mktemp("dit_on_vae"))
+    return workdir, train_and_evaluate(_latent_config(vae4[0]), workdir, ONE)
+
+
+def test_text_to_image_model_on_frozen_kl_vae_latents(vae4, latent_run, tmp_path):
+    vae_dir, (workdir, out) = vae4[0], latent_run
+    assert np.isfinite(out["loss"]) and out["samples"].endswith(".png")
+    ckpt = Checkpointer(f"{workdir}/checkpoints", create=False)
+    saved = ckpt.restore_config()
+    ckpt.close()
+    assert (saved.latent.channels, saved.latent.downsample) == (4, 2)  # the VAE's f2 x 4ch
+    saved.latent.vae_workdir = str(tmp_path / "moved")  # the checkpoint needs no VAE run
+    exp = Experiment(saved, ONE)
+    with exp.context():
+        state, step = restore_workdir(exp, workdir)
+        vae_model, vae_params = trained_weights(vae_dir)
+        # the VAE stayed frozen through training; its latents are scaled to unit std
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["frozen_vae"]),
+                     jax.device_get(vae_params))
+        unscaled = jax.jit(lambda x: vae_model.apply({"params": vae_params}, x,
+                                                     method="encode"))
+        np.testing.assert_allclose(float(state.params["frozen_latent_scale"]),
+                                   latent_scale(unscaled, saved, 16), rtol=1e-5)
+        images = jnp.asarray(validation_images(saved, 2)[1])
+        np.testing.assert_allclose(exp.autoencoder.bind(state.params).encode(images),
+                                   unscaled(images) * state.params["frozen_latent_scale"],
+                                   rtol=1e-4, atol=1e-5)
+        assert write_samples(exp, state, step, str(tmp_path / "again")).endswith(".png")
+
+
+def test_kl_vae_latent_config_errors(latent_run):
+    with pytest.raises(ConfigError, match="needs latent.vae_workdir"):
+        Experiment(_latent_config(""), ONE)
+    with pytest.raises(ConfigError, match="not 'kl_vae'"):  # a DiT-Air run is no VAE
+        Experiment(_latent_config(latent_run[0]), ONE)
+    bad = tiny_config("race_dit")
+    bad.latent.kind = "dvae"
+    with pytest.raises(ConfigError, match="latent.kind='dvae'"):
+        Experiment(bad, ONE)

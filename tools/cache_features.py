@@ -14,6 +14,12 @@ The text encoder must be frozen (``text.kind=pretrained``). Several ``text.layer
 cached concatenated, without the trained projection (the denoiser's text adapter maps any
 feature width). Captions get ``data.system_prompt`` as in training. Examples are taken in
 source order (the training pipeline shuffles the cache).
+
+Latents: ``latent.kind=identity`` caches pixels; ``latent.kind=kl_vae`` with
+``--config.latent.vae_workdir=<a KL-VAE run>`` caches its scaled posterior means
+(``latent.scale``, or 1 / their std on ``latent.scale_images`` training images), and the
+meta records the run and the scale so training from the cache decodes its samples with the
+same VAE.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from jaxdit.data.cache import CacheWriter
 from jaxdit.data.pipeline import Preprocess, make_source, make_tokenizer
 from jaxdit.models.text import (PretrainedText, load_pretrained_text, masked_mean,
                                 pretrained_text_module)
-from jaxdit.models.vae import make_autoencoder
+from jaxdit.train.stages import configure_latent_vae, latent_scale, trained_weights
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config (path.py:arg).")
@@ -47,13 +53,31 @@ def make_encode_fn(cfg):
                          f"(got {cfg.text.kind!r}).")
     module = pretrained_text_module(cfg.text)
     variables = {"params": {"frozen_encoder": load_pretrained_text(cfg.text)}}
-    autoencoder = make_autoencoder(cfg.latent)
+    encode_images = image_encoder(cfg)
 
     @jax.jit
     def encode(images, ids, mask):
         tokens = module.apply(variables, ids, mask, method=PretrainedText.selected)
-        return autoencoder.encode(images), tokens, masked_mean(tokens, mask)
+        return encode_images(images), tokens, masked_mean(tokens, mask)
     return encode, module.frozen_encoder.width * len(cfg.text.layers)
+
+
+def image_encoder(cfg):
+    """``images (B, H, W, 3) -> latents`` of ``cfg.latent``; for ``kl_vae`` it first takes
+    the VAE's latent size into ``cfg.latent`` and sets ``cfg.latent.scale``."""
+    if cfg.latent.kind == "identity":
+        return lambda images: images
+    if cfg.latent.kind != "kl_vae":
+        raise ValueError(f"Caching latents of latent.kind={cfg.latent.kind!r} is not "
+                         "supported; use 'identity' or 'kl_vae'.")
+    configure_latent_vae(cfg)
+    model, params = trained_weights(cfg.latent.vae_workdir)
+    unscaled = jax.jit(lambda x: model.apply({"params": params}, x, method="encode"))
+    if cfg.latent.scale <= 0:
+        cfg.latent.scale = latent_scale(unscaled, cfg, cfg.latent.scale_images)
+    scale = float(cfg.latent.scale)
+    logging.info("Latents of the KL-VAE in %s, scale %.4f", cfg.latent.vae_workdir, scale)
+    return lambda images: unscaled(images) * scale
 
 
 def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):
@@ -62,8 +86,8 @@ def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):
     preprocess = Preprocess(make_tokenizer(cfg), cfg.text.max_len, cfg.data.system_prompt)
     src = make_source(cfg.data, split)
     num = min(num or len(src), len(src))
-    s = cfg.data.image_size
-    latent = make_autoencoder(cfg.latent).latent_shape((s, s, 3))
+    s, f = cfg.data.image_size, cfg.latent.downsample
+    latent = (s // f, s // f, cfg.latent.channels)
     shapes = {"latent": tuple(latent), "text_tokens": (cfg.text.max_len, width),
               "text_mask": (cfg.text.max_len,), "text_pooled": (width,), "label": ()}
     meta = {"image_size": s, "latent": dict(cfg.latent),

@@ -38,7 +38,7 @@ def make_sample_fn(model, autoencoder, config, image_shape):
         noise = jax.random.normal(k_noise, (b,) + tuple(latent_shape), jnp.float32)
         x = sample(fn, noise, k_sde, method=s.method, sde=bool(s.sde), num_steps=int(s.num_steps),
                    shift=float(s.shift), sde_strength=float(s.sde_strength))
-        return jnp.clip(autoencoder.decode(x), -1.0, 1.0)
+        return jnp.clip(autoencoder.bind(variables["params"]).decode(x), -1.0, 1.0)
 
     return jax.jit(sample_fn)
 

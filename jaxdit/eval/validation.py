@@ -16,7 +16,7 @@ def make_val_loss_fn(model, autoencoder, t_grid):
     grid = jnp.asarray(t_grid, jnp.float32)
 
     def val_loss(variables, batch, rng):
-        x0 = autoencoder.encode(batch["image"])
+        x0 = autoencoder.bind(variables["params"]).encode(batch["image"])
         cond = condition_from_batch(batch)
 
         def at_t(inputs):

@@ -49,6 +49,7 @@ from jaxdit.models.dvae import DVAE, fine_mask, upsample2
 from jaxdit.models.layers import (ConditionEmbedder, FinalLayer, PatchEmbed, dense, patchify,
                                   sincos_2d)
 from jaxdit.models.race_dit import DiTBlock
+from jaxdit.models.vae import latent_scale_param
 
 Dtype = Any
 MASK_TOKEN = 2  # grain-map tokens: 0 coarse, 1 fine, 2 masked
@@ -160,8 +161,7 @@ class D2iT(nn.Module):
 
     def setup(self):
         # 1 / std of the stage-1 latents (set when the DVAE weights are loaded); frozen.
-        self.frozen_latent_scale = self.param("frozen_latent_scale", nn.with_logical_partitioning(
-            nn.initializers.ones, ()), ())
+        self.frozen_latent_scale = latent_scale_param(self)
 
     def encode(self, images):
         """``(x0 (B, H/f, W/f, z) scaled latents, grain (B, H/2f, W/2f))``, no gradient."""

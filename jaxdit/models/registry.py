@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from jaxdit.kernels.dispatch import check_backend
@@ -18,7 +19,7 @@ from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
 from jaxdit.models.race_dit import MoESpec, RaceDiT
 from jaxdit.models.text import TextEncoder, pretrained_text_module
-from jaxdit.models.vae import KLAutoencoder
+from jaxdit.models.vae import KLAutoencoder, latent_scale_param
 from jaxdit.moe import experts, routing, topk
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -93,16 +94,31 @@ def build_denoiser(model_cfg, out_channels: int, moe_cfg=None) -> nn.Module:
 
 
 class DiffusionModel(nn.Module):
-    """Text encoder (optional, trained jointly) + denoiser.
+    """Text encoder (optional, trained jointly) + denoiser (+ frozen latent VAE).
 
     ``__call__(x, t, cond)``: ``cond`` holds either ``text_ids``/``text_mask`` (encoded here
     by ``text_encoder``) or precomputed ``text_tokens``/``text_mask``/``text_pooled``; for a
     class-conditional model (``class_conditional``) only ``label`` is used.
+    ``frozen_vae`` (``latent.kind='kl_vae'``): the KL-VAE whose scaled latents the denoiser
+    works in; ``encode`` / ``decode`` map images ``(B, H, W, 3)`` <-> latents
+    ``(B, H/f, W/f, z)`` (the optimizer leaves ``frozen_*`` weights unchanged).
     """
     denoiser: nn.Module
     text_encoder: nn.Module | None = None
     class_conditional: bool = False
     null_token_id: int = 1  # first token of the empty caption (BOS, or [CLS] for BERT)
+    frozen_vae: nn.Module | None = None
+
+    def setup(self):
+        if self.frozen_vae is not None:
+            self.frozen_latent_scale = latent_scale_param(self)
+
+    def encode(self, images):
+        """Scaled posterior means of the frozen VAE, no gradient."""
+        return jax.lax.stop_gradient(self.frozen_vae.encode(images) * self.frozen_latent_scale)
+
+    def decode(self, latents):
+        return self.frozen_vae.decode(latents / self.frozen_latent_scale)
 
     def encode_text(self, cond):
         if "text_ids" not in cond:
@@ -115,18 +131,23 @@ class DiffusionModel(nn.Module):
         return {**rest, "text_tokens": tokens, "text_pooled": pooled}
 
     def __call__(self, x, t, cond):
+        if self.frozen_vae is not None and self.is_initializing():  # create its weights
+            b, h, w, _ = x.shape
+            f = self.frozen_vae.downsample
+            self.frozen_vae(jnp.zeros((b, h * f, w * f, 3), jnp.float32), sample=False)
         if self.class_conditional:
             return self.denoiser(x, t, {"label": cond["label"]})
         return self.denoiser(x, t, self.encode_text(cond))
 
 
-def build_autoencoder(config) -> nn.Module:
-    """The trainable autoencoder of ``config.vae`` (``model.family`` kl_vae or dvae)."""
+def build_autoencoder(config, family: str | None = None) -> nn.Module:
+    """The autoencoder of ``config.vae``: ``family`` kl_vae or dvae (default
+    ``model.family``: the trained one; D2iT's and ``latent.kind='kl_vae'``'s frozen one)."""
     v = config.vae
     kw = dict(z_channels=v.z_channels, ch=v.ch, ch_mult=tuple(v.ch_mult),
               num_res_blocks=v.num_res_blocks, attn=v.attn, dtype=_dtype(config.model.dtype),
               param_dtype=_dtype(config.model.param_dtype))
-    if config.model.family == "kl_vae":
+    if (family or config.model.family) == "kl_vae":
         return KLAutoencoder(**kw)
     d = config.dvae
     if d.threshold < 0:
@@ -182,8 +203,18 @@ def build_model(config, null_token_id: int = 1) -> nn.Module:
         raise ValueError(f"model.family={family!r} needs text.kind="
                          f"{'none' if not class_cond else 'trainable, pretrained or precomputed'}.")
     denoiser = build_denoiser(config.model, config.latent.channels, config.get("moe"))
+    vae = None
+    if config.latent.kind == "kl_vae":
+        if "vae" not in config:
+            raise ValueError("latent.kind='kl_vae' needs config.vae (the KL-VAE architecture): "
+                             "set latent.vae_workdir to a trained kl_vae run.")
+        vae = build_autoencoder(config, "kl_vae")
+        if (vae.z_channels, vae.downsample) != (config.latent.channels, config.latent.downsample):
+            raise ValueError(f"latent.channels/downsample=({config.latent.channels}, "
+                             f"{config.latent.downsample}) must be the VAE's "
+                             f"({vae.z_channels}, {vae.downsample}).")
     return DiffusionModel(denoiser, encoder, class_conditional=class_cond,
-                          null_token_id=null_token_id)
+                          null_token_id=null_token_id, frozen_vae=vae)
 
 
 def persistent_variables(variables):

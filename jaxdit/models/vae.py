@@ -1,8 +1,12 @@
 """Autoencoders between pixels and the latent space the denoiser works in.
 
-An autoencoder here is anything with ``encode(images) -> latents``, ``decode(latents) ->
-images`` and ``latent_shape(image_shape)``; images are float in [-1, 1], ``(B, H, W, 3)``.
-The tiny default trains in pixel space through :class:`IdentityAutoencoder`.
+An autoencoder here is anything with ``bind(params)`` (the model's params, for the
+autoencoders whose weights live in the model; returns the object that encodes),
+``encode(images) -> latents``, ``decode(latents) -> images`` and
+``latent_shape(image_shape)``; images are float in [-1, 1], ``(B, H, W, 3)``. The tiny
+default trains in pixel space through :class:`IdentityAutoencoder`; ``latent.kind='kl_vae'``
+uses a trained :class:`KLAutoencoder` held frozen inside the model
+(:class:`ModelAutoencoder`), so every checkpoint carries the decoder it samples with.
 
 The trainable convolutional autoencoders (LDM / taming layout: GroupNorm-SiLU-conv residual
 blocks, strided-conv downsampling, nearest-neighbour upsampling, single-head spatial
@@ -33,6 +37,9 @@ class IdentityAutoencoder:
     """Pixel space: latents are the images themselves."""
     channels: int = 3
 
+    def bind(self, params):  # pylint: disable=unused-argument
+        return self
+
     def encode(self, images):
         return images
 
@@ -44,11 +51,52 @@ class IdentityAutoencoder:
         return (h, w, self.channels)
 
 
-def make_autoencoder(config):
+@dataclasses.dataclass(frozen=True)
+class ModelAutoencoder:
+    """Latents of the model's own frozen VAE (``latent.kind='kl_vae'``): the model's
+    ``encode`` / ``decode`` methods, with the weights (``frozen_vae``,
+    ``frozen_latent_scale``) of the params given to :meth:`bind`; no gradient reaches those
+    params (DRaFT still differentiates ``decode`` with respect to the latents)."""
+    model: Any
+    channels: int
+    downsample: int
+    params: Any = None
+
+    def bind(self, params):
+        return dataclasses.replace(self, params=jax.lax.stop_gradient(params))
+
+    def _apply(self, x, method: str):
+        if self.params is None:
+            raise ValueError("ModelAutoencoder: call bind(params) before encode/decode.")
+        return self.model.apply({"params": self.params}, x, method=method)
+
+    def encode(self, images):
+        """``(B, H, W, 3)`` -> scaled latents ``(B, H/f, W/f, channels)``."""
+        return self._apply(images, "encode")
+
+    def decode(self, latents):
+        return self._apply(latents, "decode")
+
+    def latent_shape(self, image_shape):
+        h, w, _ = image_shape
+        return (h // self.downsample, w // self.downsample, self.channels)
+
+
+LATENT_KINDS = ("identity", "kl_vae", "dvae")  # dvae: D2iT's own (jaxdit.models.d2it)
+
+
+def make_autoencoder(config, model=None):
+    """The autoencoder of ``config.latent``; ``kl_vae`` needs the model holding it."""
     kind = config.get("kind", "identity")
     if kind == "identity":
         return IdentityAutoencoder(config.get("channels", 3))
-    raise ValueError(f"Unknown autoencoder kind {kind!r}; available: 'identity'.")
+    if kind == "kl_vae":
+        if model is None or getattr(model, "frozen_vae", None) is None:
+            raise ValueError("latent.kind='kl_vae' encodes with the model's frozen_vae: "
+                             "pass the model built with it.")
+        return ModelAutoencoder(model, int(config.channels), int(config.downsample))
+    raise ValueError(f"Unknown autoencoder kind {kind!r}; available: 'identity', 'kl_vae' "
+                     "(and 'dvae' inside model.family='d2it').")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +104,9 @@ class PrecomputedLatents:
     """Batches already hold latents (``data.source=cached``): ``encode`` passes them
     through; ``decode`` and ``latent_shape`` are those of the autoencoder that made them."""
     base: object
+
+    def bind(self, params):
+        return PrecomputedLatents(self.base.bind(params))
 
     def encode(self, latents):
         return latents
@@ -239,6 +290,10 @@ class KLAutoencoder(nn.Module):
         self.head = MomentsHead(self.z_channels, self.attn, **kw)
         self.decoder = ConvDecoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn, **kw)
 
+    @property
+    def downsample(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
     def moments(self, images):
         return self.head(self.encoder(images)[-1])
 
@@ -254,6 +309,14 @@ class KLAutoencoder(nn.Module):
         z = gaussian_sample(self.make_rng("sample"), mean, logvar) if sample else mean
         return {"recon": self.decode(z), "mean": mean, "logvar": logvar,
                 "kl": gaussian_kl(mean, logvar)}
+
+
+def latent_scale_param(module: nn.Module):
+    """``frozen_latent_scale``: the scalar a model holding a frozen VAE multiplies its
+    latents by (1 / their std on training images, set when the VAE weights are loaded;
+    :mod:`jaxdit.train.stages`). Call from ``setup``."""
+    return module.param("frozen_latent_scale",
+                        nn.with_logical_partitioning(nn.initializers.ones, ()), ())
 
 
 def widen_latent(params, new_channels: int, rng=None, new_scale: float = 0.1):

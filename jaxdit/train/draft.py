@@ -72,7 +72,7 @@ def draft_loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg, c
                               + tuple(autoencoder.latent_shape(image_shape)), jnp.float32)
     x0 = draft_sample(lambda x, t: model.apply(variables, x, t, cond), noise,
                       int(d.num_steps), int(d.grad_steps), float(d.shift))
-    images = autoencoder.decode(x0)
+    images = autoencoder.bind(params).decode(x0)
     reward = color_reward(images, batch["label"], float(d.reward_area), float(d.reward_width))
     loss = -reward.mean()
     return loss, ({"reward": reward.mean(), "draft_loss": loss}, model_state)

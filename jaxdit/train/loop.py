@@ -31,7 +31,7 @@ from jaxdit.eval.validation import make_val_loss_fn
 from jaxdit.models.dvae import fine_downsample, region_size
 from jaxdit.models.registry import AUTOENCODER_FAMILIES, build_model, persistent_variables
 from jaxdit.models.text import load_pretrained_text, pretrained_text_width, with_pretrained_text
-from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
+from jaxdit.models.vae import LATENT_KINDS, PrecomputedLatents, make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_divisor, batch_sharding, make_mesh
 from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.metrics import MetricWriter, Progress
@@ -39,8 +39,8 @@ from jaxdit.train.autoencoder import make_autoencoder_val_fn, make_reconstructio
 from jaxdit.train.d2it import make_d2it_sample_fn, make_d2it_val_fn
 from jaxdit.train.draft import REWARDS
 from jaxdit.train.optimizers import make_optimizer
-from jaxdit.train.stages import (configure_from_vae, init_params, load_stage1_vae,
-                                  load_widened_vae)
+from jaxdit.train.stages import (configure_from_vae, configure_latent_vae, init_params,
+                                  load_latent_vae, load_stage1_vae, load_widened_vae)
 from jaxdit.train.state import (abstract_state, count_params, create_train_state,
                                  state_shardings)
 from jaxdit.train.step import OBJECTIVES, train_step
@@ -60,6 +60,12 @@ def validate_config(config, mesh) -> None:
     if (family == "d2it") != (t.objective == "d2it"):
         raise ConfigError(f"model.family='d2it' trains with train.objective='d2it' and only "
                           f"it (model.family={family!r}, objective {t.objective!r}).")
+    kind = config.latent.kind
+    wanted = ("identity",) if family in AUTOENCODER_FAMILIES else (
+        ("dvae",) if family == "d2it" else ("identity", "kl_vae"))
+    if kind not in wanted:
+        raise ConfigError(f"latent.kind={kind!r} with model.family={family!r}: use one of "
+                          f"{wanted} (kinds: {LATENT_KINDS}).")
     if family in ("dvae", "d2it"):
         region = region_size(config.vae.ch_mult)
         if config.data.image_size % region:
@@ -148,6 +154,8 @@ class Experiment:
         self.mesh = make_mesh(dict(config.mesh), devices)
         if config.data.source == "cached":  # text/latent settings come from the cache
             configure_from_cache(config)
+        if config.latent.kind == "kl_vae":
+            configure_latent_vae(config)
         validate_config(config, self.mesh)
         self.tokenizer = make_tokenizer(config)
         if config.text.kind == "trainable":
@@ -162,12 +170,13 @@ class Experiment:
         self.model = build_model(config, self.tokenizer.null_id)
         # Autoencoder families are the model; D2iT holds its DVAE inside (frozen_vae).
         own_vae = family in AUTOENCODER_FAMILIES or family == "d2it"
-        self.autoencoder = None if own_vae else make_autoencoder(config.latent)
+        self.autoencoder = None if own_vae else make_autoencoder(config.latent, self.model)
         if config.data.source == "cached":
             self.autoencoder = PrecomputedLatents(self.autoencoder)
         self.tx, self.schedule = make_optimizer(
             config.optim, config.train.steps,
-            frozen=config.text.kind == "pretrained" or family == "d2it")
+            frozen=(config.text.kind == "pretrained" or family == "d2it"
+                    or config.latent.kind == "kl_vae"))
         inputs = example_inputs(config)
         self.init_variables = lambda rng: persistent_variables(self.model.init(rng, *inputs))
 
@@ -190,6 +199,8 @@ class Experiment:
             state = load_stage1_vae(self, state)
         if self.config.model.family == "kl_vae" and self.config.vae.widen_from:
             state = load_widened_vae(self, state)
+        if self.config.latent.kind == "kl_vae" and self.config.latent.vae_workdir:
+            state = load_latent_vae(self, state)
         return state
 
     def abstract_state(self):

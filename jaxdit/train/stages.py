@@ -5,7 +5,10 @@
 * :func:`load_stage1_vae` (``d2it.vae_workdir``): D2iT's frozen stage-1 DVAE and its latent
   scale, after :func:`configure_from_vae` took its architecture and grain threshold;
 * :func:`load_widened_vae` (``vae.widen_from``): the progressive VAE's narrower run,
-  widened to more latent channels.
+  widened to more latent channels;
+* :func:`load_latent_vae` (``latent.kind='kl_vae'``, ``latent.vae_workdir``): a trained
+  KL-VAE, frozen inside a text-to-image / class-conditional model, after
+  :func:`configure_latent_vae` took its architecture.
 
 ``exp`` is the run's ``jaxdit.train.loop.Experiment``; the earlier run is rebuilt from the
 config saved in its checkpoint, on the same devices.
@@ -18,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdit.config_lib import ConfigError
+from jaxdit.config_lib import ConfigError, base_config
 from jaxdit.data.pipeline import make_dataset, make_source
 from jaxdit.models.dvae import fine_downsample
 from jaxdit.models.vae import widen_latent
@@ -41,6 +44,55 @@ def configure_from_vae(config) -> None:
                          downsample=fine_downsample(stage1.vae.ch_mult))
 
 
+def configure_latent_vae(config) -> None:
+    """``latent.kind='kl_vae'``: takes the KL-VAE architecture (``config.vae``) and the
+    latent size from the kl_vae run in ``latent.vae_workdir``."""
+    workdir = config.latent.get("vae_workdir", "")
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")) and "vae" in config:
+        return  # a run's saved config: its checkpoints hold the VAE already
+    if not workdir:
+        raise ConfigError("latent.kind='kl_vae' needs latent.vae_workdir: the workdir of a "
+                          "KL-VAE run (python -m jaxdit.train --config experiments/vae.py:...) "
+                          "whose EMA weights encode the images.")
+    source = saved_config(workdir)
+    if source.model.family != "kl_vae":
+        raise ConfigError(f"latent.vae_workdir={workdir} trained model.family="
+                          f"{source.model.family!r}, not 'kl_vae'.")
+    with config.unlocked():  # text-to-image configs have no vae section of their own
+        config.vae = source.vae
+    config.latent.update(channels=source.vae.z_channels,
+                         downsample=2 ** (len(source.vae.ch_mult) - 1))
+
+
+def latent_scale(encode, config, num_images: int) -> float:
+    """1 / std of ``encode(images)`` (unscaled latents) over the first ``num_images``
+    training images of ``config.data``, as the pipeline feeds them."""
+    n = max(1, min(int(num_images), len(make_source(config.data, "train"))))
+    images = next(iter(make_dataset(config, "train", n, repeat=False)))["image"]
+    return 1.0 / max(float(jnp.std(encode(jnp.asarray(images)))), 1e-6)
+
+
+def with_frozen_vae(state, vae_params, scale: float):
+    """``state`` with ``frozen_vae`` = ``vae_params`` and ``frozen_latent_scale`` = ``scale``
+    (params and EMA)."""
+    params = {**state.params,
+              "frozen_vae": place_like(state.params["frozen_vae"], vae_params),
+              "frozen_latent_scale": place_like(state.params["frozen_latent_scale"], scale)}
+    ema = {**state.ema_params, "frozen_vae": jax.tree.map(jnp.copy, params["frozen_vae"]),
+           "frozen_latent_scale": jnp.copy(params["frozen_latent_scale"])}
+    return state.replace(params=params, ema_params=ema)
+
+
+def unscaled_encoder(exp, params):
+    """Jitted ``images -> latents`` of the model's frozen VAE with latent scale 1."""
+    params = {**params, "frozen_latent_scale": jnp.ones(())}
+
+    def encode(images):
+        out = exp.model.apply({"params": params}, images, method="encode")
+        return out[0] if isinstance(out, tuple) else out  # D2iT's is (latents, grain map)
+    return jax.jit(encode)
+
+
 def load_stage1_vae(exp, state):
     """``state`` with the stage-1 DVAE's EMA weights under ``frozen_vae`` and the latent
     scale set to 1 / std of the latents of ``d2it.scale_images`` training images."""
@@ -48,19 +100,30 @@ def load_stage1_vae(exp, state):
     stage1_cfg = saved_config(cfg.d2it.vae_workdir)
     stage1_cfg.dvae = cfg.dvae  # its threshold is resolved already
     previous, step = restore_earlier_run(exp, stage1_cfg, cfg.d2it.vae_workdir)
-    params = {**state.params,
-              "frozen_vae": place_like(state.params["frozen_vae"], previous.ema_params)}
-    n = max(1, min(int(cfg.d2it.scale_images), len(make_source(cfg.data, "train"))))
-    images = next(iter(make_dataset(cfg, "train", n, repeat=False)))["image"]
-    encode = jax.jit(lambda p, x: exp.model.apply({"params": p}, x, method="encode")[0])
-    latents = encode({**params, "frozen_latent_scale": jnp.ones(())}, jnp.asarray(images))
-    scale = 1.0 / max(float(jnp.std(latents)), 1e-6)
+    state = with_frozen_vae(state, previous.ema_params, 1.0)
+    scale = latent_scale(unscaled_encoder(exp, state.params), cfg, cfg.d2it.scale_images)
     print(f"D2iT: DVAE from {cfg.d2it.vae_workdir} (step {step}); latent std {1 / scale:.4f} "
-          f"over {n} images -> latent scale {scale:.4f}", flush=True)
-    params["frozen_latent_scale"] = place_like(state.params["frozen_latent_scale"], scale)
-    ema = {**state.ema_params, "frozen_vae": jax.tree.map(jnp.copy, params["frozen_vae"]),
-           "frozen_latent_scale": jnp.copy(params["frozen_latent_scale"])}
-    return state.replace(params=params, ema_params=ema)
+          f"over {cfg.d2it.scale_images} images -> latent scale {scale:.4f}", flush=True)
+    return with_frozen_vae(state, previous.ema_params, scale)
+
+
+def load_latent_vae(exp, state):
+    """``latent.kind='kl_vae'``: ``state`` with the EMA weights of the KL-VAE run in
+    ``latent.vae_workdir`` under ``frozen_vae``, and the latent scale ``latent.scale``
+    (0: 1 / std of the latents of ``latent.scale_images`` training images)."""
+    cfg = exp.config
+    workdir = cfg.latent.vae_workdir
+    previous, step = restore_earlier_run(exp, saved_config(workdir), workdir)
+    scale = float(cfg.latent.get("scale", 0.0))
+    if scale <= 0:
+        if cfg.data.source == "cached":
+            raise ConfigError("latent.scale is unset but the data are cached latents: the "
+                              "cache's meta.json must record the scale it encoded with.")
+        state = with_frozen_vae(state, previous.ema_params, 1.0)
+        scale = latent_scale(unscaled_encoder(exp, state.params), cfg, cfg.latent.scale_images)
+    print(f"Latents: KL-VAE from {workdir} (step {step}), {cfg.latent.channels} channels, "
+          f"f{cfg.latent.downsample}, latent scale {scale:.4f}", flush=True)
+    return with_frozen_vae(state, previous.ema_params, scale)
 
 
 def load_widened_vae(exp, state):
@@ -91,6 +154,18 @@ def saved_config(workdir: str):
         return ckpt.restore_config()
     finally:
         ckpt.close()
+
+
+def trained_weights(workdir: str, devices=None):
+    """``(model, EMA params)`` of the latest checkpoint of the training run in ``workdir``,
+    rebuilt from its saved config on ``devices`` (default: the first device)."""
+    from jaxdit.train.loop import Experiment  # pylint: disable=import-outside-toplevel
+    config = saved_config(workdir)
+    config.mesh = base_config().mesh  # all data-parallel over ``devices``
+    exp = Experiment(config, devices or jax.devices()[:1])
+    with exp.context():
+        state, _ = restore_workdir(exp, workdir)
+    return exp.model, state.ema_params
 
 
 def place_like(tree, new):

@@ -81,7 +81,7 @@ def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
         return autoencoder_loss_fn(params, model_state, batch, rng, model=model, cfg=cfg)
     if objective == "d2it":
         return d2it_loss_fn(params, model_state, batch, rng, model=model, cfg=cfg)
-    x0 = autoencoder.encode(batch["image"])
+    x0 = autoencoder.bind(params).encode(batch["image"])
     b = x0.shape[0]
     k_main, k_low, k_drop = jax.random.split(rng, 3)
     cond = condition_from_batch(batch)

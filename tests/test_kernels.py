@@ -160,3 +160,24 @@ def test_pallas_backend_in_dispatch_and_model():
     ref = jax.jit(model.apply)(params, batch["image"], t, cond)
     np.testing.assert_allclose(out, ref, atol=1e-4)
     assert float(jnp.abs(ref).max()) > 1e-3
+
+
+def test_reference_bias_and_causal_mask_for_the_text_encoders():
+    """The T5 bias and CLIP causal mask of the XLA path equal a per-head softmax written
+    out; the Pallas kernel refuses them and ``auto`` on CPU takes XLA."""
+    rng = np.random.default_rng(3)
+    b, s, h, hkv, d = 2, 6, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(b, s, hkv, d)), jnp.float32) for _ in range(2))
+    bias = jnp.asarray(rng.normal(size=(1, h, s, s)), jnp.float32)
+    mask = jnp.asarray(np.arange(s)[None] < np.array([[6], [4]]))
+    out = xla_attention(q, k, v, mask, 1.0, bias=bias, causal=True)
+    kr, vr = (jnp.repeat(a, h // hkv, axis=2) for a in (k, v))
+    logits = jnp.einsum("bshd,bthd->bhst", q, kr) + bias
+    allowed = mask[:, None, None, :] & jnp.tril(jnp.ones((s, s), bool))
+    want = jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(jnp.where(allowed, logits, -1e30)), vr)
+    np.testing.assert_allclose(out, want, atol=1e-5)
+    with pytest.raises(ValueError, match="no logit bias or causal"):
+        dispatch.attention(q, k, v, mask, impl="pallas", causal=True)
+    np.testing.assert_allclose(dispatch.attention(q, k, v, mask, impl="auto", scale=1.0,
+                                                  bias=bias, causal=True), out, atol=1e-6)

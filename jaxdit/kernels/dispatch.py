@@ -38,13 +38,14 @@ def cudnn_unsupported_reason(q, k) -> str | None:
     return None
 
 
-def auto_backend(q, k, v, segment_ids=None) -> str:
-    """The backend ``auto`` picks for this call (see the module docstring)."""
+def auto_backend(q, k, v, segment_ids=None, extras: bool = False) -> str:
+    """The backend ``auto`` picks for this call (see the module docstring); ``extras``: the
+    call has a logit bias or a causal mask, which the Pallas kernel does not take."""
     if jax.default_backend() != "gpu":
         return "xla"
     if segment_ids is None and cudnn_unsupported_reason(q, k) is None:
         return "cudnn"
-    return "xla" if pallas_flash.unsupported_reason(q, k, v) else "pallas"
+    return "xla" if extras or pallas_flash.unsupported_reason(q, k, v) else "pallas"
 
 
 def check_backend(impl: str) -> None:
@@ -53,16 +54,21 @@ def check_backend(impl: str) -> None:
 
 
 def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None,
-              segment_ids=None):
+              segment_ids=None, bias=None, causal: bool = False):
     """``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D), ``key_mask`` (B, T) bool or None,
-    ``segment_ids`` None or ``(q_ids (B, S), kv_ids (B, T))`` (xla and pallas only)."""
+    ``segment_ids`` None or ``(q_ids (B, S), kv_ids (B, T))`` (xla and pallas only),
+    ``bias`` an additive logit bias broadcastable to (B, H, S, T) and ``causal`` (xla and
+    cudnn only: the text encoders use them)."""
     check_backend(impl)
+    extras = bias is not None or causal
     if impl == "auto":
-        impl = auto_backend(q, k, v, segment_ids)
+        impl = auto_backend(q, k, v, segment_ids, extras)
     if impl == "xla":
-        return xla_attention(q, k, v, key_mask, scale, segment_ids)
+        return xla_attention(q, k, v, key_mask, scale, segment_ids, bias, causal)
     if impl == "pallas":
         reason = pallas_flash.unsupported_reason(q, k, v)
+        if extras:
+            reason = "the kernel takes no logit bias or causal mask"
         if reason:
             raise ValueError(f"attn_impl='pallas' cannot run this call: {reason}.")
         return pallas_flash.flash_attention(q, k, v, key_mask, segment_ids=segment_ids,
@@ -78,4 +84,7 @@ def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None 
     if key_mask is not None:  # cuDNN wants the mask at full (B, 1, S, T) size
         b, s, t = q.shape[0], q.shape[1], k.shape[1]
         mask = jnp.broadcast_to(key_mask[:, None, None, :], (b, 1, s, t))
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (bias.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                        is_causal=causal, implementation="cudnn")

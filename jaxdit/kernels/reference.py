@@ -5,10 +5,13 @@ import jax
 import jax.numpy as jnp
 
 
-def xla_attention(q, k, v, key_mask=None, scale: float | None = None, segment_ids=None):
+def xla_attention(q, k, v, key_mask=None, scale: float | None = None, segment_ids=None,
+                  bias=None, causal: bool = False):
     """Softmax attention with fp32 statistics; ``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D),
     ``key_mask`` (B, T) bool or None, ``segment_ids`` None or ``(q_ids (B, S), kv_ids (B, T))``
-    int: a query attends only to keys of its own segment (packed samples). Returns
+    int: a query attends only to keys of its own segment (packed samples); ``bias`` None or
+    an additive logit bias broadcastable to ``(B, H, S, T)`` (T5's relative positions);
+    ``causal``: query ``i`` attends to keys ``<= i`` (CLIP's text encoder). Returns
     ``(B, S, H, D)``.
 
     Query heads are grouped onto their KV head with a reshape (query head ``h`` uses KV head
@@ -22,12 +25,18 @@ def xla_attention(q, k, v, key_mask=None, scale: float | None = None, segment_id
     scale = d ** -0.5 if scale is None else scale
     qg = q.reshape(b, s, hkv, g, d)
     logits = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32) * scale
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, (bias.shape[0], h, s, k.shape[1]))
+        logits = logits + bias.reshape(bias.shape[0], hkv, g, s, -1).astype(jnp.float32)
     allowed = None
     if key_mask is not None:
         allowed = jnp.broadcast_to(key_mask[:, None, :].astype(bool), (b, s, k.shape[1]))
     if segment_ids is not None:
         same = segment_ids[0][:, :, None] == segment_ids[1][:, None, :]
         allowed = same if allowed is None else allowed & same
+    if causal:
+        lower = jnp.tril(jnp.ones((s, k.shape[1]), bool))[None]
+        allowed = lower if allowed is None else allowed & lower
     if allowed is not None:
         logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

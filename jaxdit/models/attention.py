@@ -26,15 +26,19 @@ Dtype = Any
 HEAD_AXES = ("batch", "length", "act_heads", None)
 
 
-def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None):
-    """Dispatches to the configured attention backend (see :mod:`jaxdit.kernels`).
+def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None,
+              bias=None, causal: bool = False):
+    """Dispatches to the configured attention backend (see :mod:`jaxdit.kernels`);
+    ``bias`` (additive, broadcastable to (B, H, S, T)) and ``causal`` serve the pretrained
+    text encoders (T5, CLIP).
 
     Inputs and output are pinned to ``(batch, length, heads, head_dim)`` logical shardings
     (batch over data-parallel axes, heads over ``tensor``), so every backend sees the same
     layout and the partitioner has no freedom to pick a different one per call site.
     """
     q, k, v = (nn.with_logical_constraint(a, HEAD_AXES) for a in (q, k, v))
-    out = dispatch.attention(q, k, v, key_mask, impl=impl, scale=scale)
+    out = dispatch.attention(q, k, v, key_mask, impl=impl, scale=scale, bias=bias,
+                             causal=causal)
     return nn.with_logical_constraint(out, HEAD_AXES)
 
 
@@ -105,7 +109,9 @@ class SelfAttention(nn.Module):
     """QKV projection (+QK-norm, +RoPE) -> :func:`attention` -> output projection.
 
     Args to ``__call__``: ``x`` (B, S, d); ``key_mask`` (B, S) bool or None; ``rope``
-    optional ``(cos, sin)`` each ``(B|1, S, head_dim/2)``.
+    optional ``(cos, sin)`` each ``(B|1, S, head_dim/2)``; ``bias`` optional additive logits
+    ``(B|1, H, S, S)``. ``causal`` and ``scale`` (default ``head_dim**-0.5``) serve the
+    pretrained text encoders.
     """
     num_heads: int
     head_dim: int
@@ -115,17 +121,20 @@ class SelfAttention(nn.Module):
     fused: bool = False
     norm_eps: float = 1e-6
     impl: str = "xla"
+    causal: bool = False
+    scale: float | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask=None, rope=None):
+    def __call__(self, x, key_mask=None, rope=None, bias=None):
         q, k, v = QKVProjection(self.num_heads, self.head_dim, self.num_kv_heads, self.qk_norm,
                                 self.use_bias, self.fused, self.norm_eps, self.dtype,
                                 self.param_dtype, name="qkv")(x)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = attention(q, k, v, key_mask, impl=self.impl)
+        out = attention(q, k, v, key_mask, impl=self.impl, scale=self.scale, bias=bias,
+                        causal=self.causal)
         return OutProjection(x.shape[-1], self.use_bias, self.dtype, self.param_dtype,
                              name="out")(out)
 

@@ -206,59 +206,6 @@ def dit_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, patch_
 
 
 # ------------------------------------------------------------------------------------------
-# BERT-style text encoders (Hugging Face transformers layout), for models.text.BertEncoder.
-# ------------------------------------------------------------------------------------------
-
-BERT_LAYER_NAMES = {  # HF name inside encoder.layer.{i} -> jaxdit path, with {i}
-    "attention.self.query": "attn_{i}/qkv/q", "attention.self.key": "attn_{i}/qkv/k",
-    "attention.self.value": "attn_{i}/qkv/v", "attention.output.dense": "attn_{i}/out/proj",
-    "intermediate.dense": "mlp_{i}/fc1", "output.dense": "mlp_{i}/fc2",
-}
-BERT_NORMS = {"attention.output.LayerNorm": "ln_attn_{i}", "output.LayerNorm": "ln_mlp_{i}"}
-BERT_IGNORED = ("embeddings.position_ids", "pooler.")  # a buffer; the CLS pooler is unused
-
-
-def bert_config_from_hf(cfg: Mapping) -> dict:
-    """:class:`jaxdit.models.text.BertEncoder` fields of a Hugging Face BERT ``config.json``."""
-    if cfg.get("model_type", "bert") not in ("bert",):
-        raise ConversionError(f"model_type {cfg.get('model_type')!r} is not a BERT encoder.")
-    if cfg.get("hidden_act", "gelu") != "gelu":
-        raise ConversionError(f"hidden_act {cfg['hidden_act']!r} is not supported (gelu).")
-    if cfg.get("position_embedding_type", "absolute") != "absolute":
-        raise ConversionError("Only absolute position embeddings are supported.")
-    return dict(vocab_size=cfg["vocab_size"], width=cfg["hidden_size"],
-                depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-                mlp_dim=cfg["intermediate_size"], max_positions=cfg["max_position_embeddings"],
-                type_vocab_size=cfg.get("type_vocab_size", 2),
-                eps=cfg.get("layer_norm_eps", 1e-12))
-
-
-def bert_from_hf(state_dict: Mapping[str, np.ndarray], expected):
-    """A Hugging Face ``BertModel`` state dict (optionally ``bert.``-prefixed) to the params
-    of :class:`jaxdit.models.text.BertEncoder`; checked against ``expected``."""
-    sd = {k.removeprefix("bert."): np.asarray(v, np.float32) for k, v in state_dict.items()}
-    sd = {k: v for k, v in sd.items() if not k.startswith(BERT_IGNORED)}
-    out = {}
-    for hf, ours in (("word_embeddings", "word_embed"), ("position_embeddings", "pos_embed"),
-                     ("token_type_embeddings", "type_embed")):
-        out[f"{ours}/embedding"] = sd.pop(f"embeddings.{hf}.weight")
-    out["emb_norm/scale"] = sd.pop("embeddings.LayerNorm.weight")
-    out["emb_norm/bias"] = sd.pop("embeddings.LayerNorm.bias")
-    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer.")})
-    for i in layers:
-        pre = f"encoder.layer.{i}"
-        for hf, ours in BERT_LAYER_NAMES.items():
-            out[f"{ours.format(i=i)}/kernel"] = sd.pop(f"{pre}.{hf}.weight").T
-            out[f"{ours.format(i=i)}/bias"] = sd.pop(f"{pre}.{hf}.bias")
-        for hf, ours in BERT_NORMS.items():
-            out[f"{ours.format(i=i)}/scale"] = sd.pop(f"{pre}.{hf}.weight")
-            out[f"{ours.format(i=i)}/bias"] = sd.pop(f"{pre}.{hf}.bias")
-    if sd:
-        raise ConversionError(f"Unexpected BERT parameters: {sorted(sd)[:8]}")
-    return _check_and_unflatten(out, expected)
-
-
-# ------------------------------------------------------------------------------------------
 # Whole diffusers model folders (config.json + *.safetensors).
 # ------------------------------------------------------------------------------------------
 

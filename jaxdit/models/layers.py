@@ -100,11 +100,25 @@ class AdaLNModulation(nn.Module):
         return tuple(jnp.split(out[:, None, :], self.num_chunks, axis=-1))
 
 
+ACTIVATIONS = {
+    "gelu_tanh": lambda x: nn.gelu(x, approximate=True),
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # exact (erf): BERT
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),  # CLIP
+    "relu": nn.relu,
+}
+
+
+def activation_fn(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; available: {sorted(ACTIVATIONS)}.")
+    return ACTIVATIONS[name]
+
+
 class Mlp(nn.Module):
-    """Transformer MLP: ``Linear(d -> hidden) -> GELU -> Linear(hidden -> d)``; GELU in its
-    tanh form by default, exact (erf) with ``approximate=False`` (BERT)."""
+    """Transformer MLP: ``Linear(d -> hidden) -> act -> Linear(hidden -> d)``; ``activation``
+    one of :data:`ACTIVATIONS` (GELU in its tanh form by default)."""
     hidden: int
-    approximate: bool = True
+    activation: str = "gelu_tanh"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -113,7 +127,7 @@ class Mlp(nn.Module):
         d = x.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = dense(self.hidden, ("embed", "mlp"), name="fc1", **kw)(x)
-        h = nn.with_logical_constraint(nn.gelu(h, approximate=self.approximate),
+        h = nn.with_logical_constraint(activation_fn(self.activation)(h),
                                        ("batch", "length", "act_mlp"))
         return dense(d, ("mlp", "embed"), name="fc2", **kw)(h)
 

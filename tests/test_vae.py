@@ -19,6 +19,9 @@ from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.loop import Experiment, train_and_evaluate, validation_images, write_samples
 from jaxdit.train.stages import latent_scale, restore_workdir, trained_weights
 
+# Its module-scoped fixtures train/encode once: keep the module on one xdist worker.
+pytestmark = pytest.mark.xdist_group("vae")
+
 ONE = jax.devices()[:1]
 
 

@@ -204,10 +204,10 @@ def build_model(config, null_token_id: int = 1) -> nn.Module:
                          f"{'none' if not class_cond else 'trainable, pretrained or precomputed'}.")
     denoiser = build_denoiser(config.model, config.latent.channels, config.get("moe"))
     vae = None
-    if config.latent.kind == "kl_vae":
-        if "vae" not in config:
-            raise ValueError("latent.kind='kl_vae' needs config.vae (the KL-VAE architecture): "
-                             "set latent.vae_workdir to a trained kl_vae run.")
+    # latent.kind='kl_vae' holds the VAE of config.vae (taken from latent.vae_workdir by
+    # jaxdit.train.stages.configure_latent_vae); paper configs without one count the
+    # denoiser and text encoder only.
+    if config.latent.kind == "kl_vae" and "vae" in config:
         vae = build_autoencoder(config, "kl_vae")
         if (vae.z_channels, vae.downsample) != (config.latent.channels, config.latent.downsample):
             raise ValueError(f"latent.channels/downsample=({config.latent.channels}, "

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from jaxdit.data.shapes import COLORS, RELATIONS, SHAPES
+from jaxdit.data.shapes import COLORS, RELATIONS
 
 CATEGORIES = ("color", "count", "shape", "position")
 _OBJECT = re.compile(r"a (\w+) (circle|square|triangle)")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from jaxdit import config_lib
 from jaxdit.train.loop import Experiment
 from jaxdit.train.step import loss_fn
 from tests.helpers import VARIANTS, fixed_batch, tiny_config
@@ -91,10 +92,21 @@ def _draft(cfg):
     cfg.draft.update(num_steps=3, grad_steps=2)
 
 
-@pytest.mark.parametrize("edit", [_pretrained_text, _draft], ids=["pretrained_text", "draft"])
+def _kl_vae_latent(cfg):
+    """Latents of a frozen KL-VAE inside the model (random weights: f2, 4 channels)."""
+    with cfg.unlocked():
+        cfg.vae = config_lib.vae_config("tiny-4ch").vae
+    cfg.vae.update(ch=16, ch_mult=(1, 2))
+    cfg.latent.update(kind="kl_vae", channels=4, downsample=2)
+    cfg.model.patch_size = 2
+
+
+@pytest.mark.parametrize("edit", [_pretrained_text, _draft, _kl_vae_latent],
+                         ids=["pretrained_text", "draft", "kl_vae_latent"])
 def test_training_modes_match_across_meshes(edit):
-    """The frozen MiniLM encoder (+ layer projection) and the DRaFT objective: loss and
-    gradients on 1 device equal those on the data x fsdp x tensor mesh."""
+    """The frozen MiniLM encoder (+ layer projection), the DRaFT objective and a frozen
+    KL-VAE latent space: loss and gradients on 1 device equal those on the data x fsdp x
+    tensor mesh."""
     ref_loss, ref_grads, _ = _grads("dit_air", "tiny", "1dev", edit)
     assert np.isfinite(ref_loss)
     loss, grads, sharded = _grads("dit_air", "tiny", "dp2_fsdp2_tp2", edit)

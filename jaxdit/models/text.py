@@ -34,6 +34,18 @@ def masked_mean(x, mask):
     return (x * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
 
+def check_length(ids, max_positions: int):
+    if ids.shape[1] > max_positions:
+        raise ValueError(f"Text length {ids.shape[1]} exceeds the encoder's {max_positions} "
+                         "positions.")
+
+
+def embed_table(num: int, width: int, name: str, std: float = 0.02, **kw) -> nn.Embed:
+    """An ``nn.Embed`` (token, position or type table) with logical axes."""
+    init = nn.with_logical_partitioning(nn.initializers.normal(std), ("vocab", "text_embed"))
+    return nn.Embed(num, width, name=name, embedding_init=init, **kw)
+
+
 class TextEncoder(nn.Module):
     """Bidirectional pre-LN transformer: ids (B, L) int, mask (B, L) bool ->
     ``(tokens (B, L, width), pooled (B, width))`` with masked average pooling."""
@@ -89,12 +101,8 @@ class BertEncoder(nn.Module):
         """``num_layers``: run only the first that many layers (default all); the hidden
         states list is then ``num_layers + 1`` long."""
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if ids.shape[1] > self.max_positions:
-            raise ValueError(f"Text length {ids.shape[1]} exceeds the encoder's "
-                             f"{self.max_positions} positions.")
-        init = nn.initializers.normal(0.02)
-        emb = lambda n, name: nn.Embed(n, self.width, name=name, embedding_init=(
-            nn.with_logical_partitioning(init, ("vocab", "text_embed"))), **kw)
+        check_length(ids, self.max_positions)
+        emb = lambda n, name: embed_table(n, self.width, name, **kw)
         x = (emb(self.vocab_size, "word_embed")(ids)
              + emb(self.max_positions, "pos_embed")(jnp.arange(ids.shape[1]))[None]
              + emb(self.type_vocab_size, "type_embed")(jnp.zeros_like(ids)))
@@ -140,14 +148,10 @@ class ClipTextEncoder(nn.Module):
     @nn.compact
     def __call__(self, ids, mask, num_layers: int | None = None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if ids.shape[1] > self.max_positions:
-            raise ValueError(f"Text length {ids.shape[1]} exceeds the encoder's "
-                             f"{self.max_positions} positions.")
-        init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "text_embed"))
-        x = (nn.Embed(self.vocab_size, self.width, embedding_init=init, name="token_embed",
-                      **kw)(ids)
-             + nn.Embed(self.max_positions, self.width, embedding_init=init, name="pos_embed",
-                        **kw)(jnp.arange(ids.shape[1]))[None])
+        check_length(ids, self.max_positions)
+        x = (embed_table(self.vocab_size, self.width, "token_embed", **kw)(ids)
+             + embed_table(self.max_positions, self.width, "pos_embed", **kw)(
+                 jnp.arange(ids.shape[1]))[None])
         norm = lambda name: LayerNorm(self.eps, use_affine=True, name=name, **kw)
         mask = mask.astype(bool)
         hidden = [x]
@@ -217,11 +221,10 @@ class T5Encoder(nn.Module):
     @nn.compact
     def __call__(self, ids, mask, num_layers: int | None = None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        init = nn.initializers.normal(1.0)
-        x = nn.Embed(self.vocab_size, self.width, name="token_embed", embedding_init=(
-            nn.with_logical_partitioning(init, ("vocab", "text_embed"))), **kw)(ids)
-        table = self.param("rel_bias", nn.with_logical_partitioning(init, (None, None)),
-                           (self.num_buckets, self.num_heads), self.param_dtype)
+        x = embed_table(self.vocab_size, self.width, "token_embed", 1.0, **kw)(ids)
+        table = self.param("rel_bias", nn.with_logical_partitioning(
+            nn.initializers.normal(1.0), (None, None)), (self.num_buckets, self.num_heads),
+                           self.param_dtype)
         length = ids.shape[1]
         buckets = t5_relative_buckets(length, length, self.num_buckets, self.max_distance)
         bias = jnp.transpose(table[buckets], (2, 0, 1))[None]  # (1, H, L, L)

@@ -285,7 +285,9 @@ def autoencoder_sections(config):
         l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6,
         # progressive VAE: a kl_vae training workdir with fewer latent channels whose EMA
         # weights start this run, widened to z_channels (jaxdit.models.vae.widen_latent)
-        widen_from=""))
+        widen_from="",
+        # Stable Diffusion's 1x1 convs around the latent (set from a diffusers VAE folder)
+        quant_conv=False))
     # threshold < 0: computed at startup from thresholds_file (tools/grain_thresholds.py)
     # or from threshold_images training images, for the fine_ratio.
     config.dvae = ml_collections.ConfigDict(dict(

@@ -161,3 +161,41 @@ def test_cached_kl_vae_latents_keep_their_scale(vae4, tmp_path):
         state = exp.create_state()
     assert float(state.params["frozen_latent_scale"]) == pytest.approx(meta["scale"])
     assert (train.latent.channels, train.latent.downsample) == (4, 2)
+
+
+def test_diffusers_autoencoder_kl_is_a_frozen_latent_space(tmp_path):
+    """A diffusers AutoencoderKL folder (Stable Diffusion's VAE layout, random weights)
+    converts to KLAutoencoder with equal posterior means and decodes, and serves as
+    ``latent.vae_workdir`` with its scaling factor."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    ref = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        scaling_factor=0.25).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so the mapping is exercised
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path / "sd_vae"
+    ref.save_pretrained(str(folder))
+    model, params = trained_weights(str(folder))
+    assert model.quant_conv and model.ch_mult == (1, 2)
+    images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    z = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
+    with torch.no_grad():
+        to_t = lambda a: torch.tensor(a.transpose(0, 3, 1, 2))
+        mean = ref.encode(to_t(images)).latent_dist.mean.numpy().transpose(0, 2, 3, 1)
+        recon = ref.decode(to_t(z)).sample.numpy().transpose(0, 2, 3, 1)
+    apply = lambda method, x: jax.jit(lambda p, a: model.apply({"params": p}, a,
+                                                               method=method))(params, x)
+    np.testing.assert_allclose(apply("encode", images), mean, atol=2e-4, rtol=1e-3)
+    np.testing.assert_allclose(apply("decode", z), recon, atol=2e-4, rtol=1e-3)
+    cfg = _latent_config(str(folder))
+    exp = Experiment(cfg, ONE)
+    assert (cfg.latent.scale, cfg.latent.channels, cfg.latent.downsample) == (0.25, 4, 2)
+    with exp.context():
+        state = exp.create_state()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["frozen_vae"]),
+                 jax.device_get(params))
+    assert float(state.params["frozen_latent_scale"]) == 0.25

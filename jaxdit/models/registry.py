@@ -148,7 +148,7 @@ def build_autoencoder(config, family: str | None = None) -> nn.Module:
               num_res_blocks=v.num_res_blocks, attn=v.attn, dtype=_dtype(config.model.dtype),
               param_dtype=_dtype(config.model.param_dtype))
     if (family or config.model.family) == "kl_vae":
-        return KLAutoencoder(**kw)
+        return KLAutoencoder(quant_conv=bool(v.get("quant_conv", False)), **kw)
     d = config.dvae
     if d.threshold < 0:
         raise ValueError("dvae.threshold is unset (negative): resolve it from the data "

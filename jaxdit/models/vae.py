@@ -200,9 +200,11 @@ class ConvEncoder(nn.Module):
 
 class MomentsHead(nn.Module):
     """Features -> Gaussian posterior moments ``(mean, logvar)``, each ``(B, h, w,
-    z_channels)``: mid block (Res, attention, Res), GN-SiLU, conv to ``2 * z_channels``."""
+    z_channels)``: mid block (Res, attention, Res), GN-SiLU, conv to ``2 * z_channels``
+    (then a 1x1 ``quant_conv`` in Stable Diffusion's VAE)."""
     z_channels: int
     attn: bool = True
+    quant_conv: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -215,7 +217,10 @@ class MomentsHead(nn.Module):
             h = SpatialAttention(name="mid_attn", **kw)(h)
         h = ResBlock(c, name="mid_res2", **kw)(h)
         h = nn.silu(group_norm(c, "norm_out", **kw)(h))
-        moments = conv(2 * self.z_channels, name="conv_out", **kw)(h).astype(jnp.float32)
+        moments = conv(2 * self.z_channels, name="conv_out", **kw)(h)
+        if self.quant_conv:
+            moments = conv(2 * self.z_channels, 1, name="quant_conv", **kw)(moments)
+        moments = moments.astype(jnp.float32)
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
@@ -225,12 +230,14 @@ class ConvDecoder(nn.Module):
     ``L = len(ch_mult)`` levels walked from the deepest: mid block, ``num_res_blocks + 1``
     residual blocks per level, nearest-x2 + conv between levels. ``positional``: learned
     row and column embeddings added to the latent first (the DQ-VAE decoder's, which tell
-    the decoder where a copied coarse code sits)."""
+    the decoder where a copied coarse code sits). ``post_quant_conv``: Stable Diffusion's
+    1x1 conv on the latent first."""
     ch: int = 128
     ch_mult: Sequence[int] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attn: bool = True
     positional: bool = False
+    post_quant_conv: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -238,6 +245,8 @@ class ConvDecoder(nn.Module):
     def __call__(self, z):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         z = z.astype(self.dtype)
+        if self.post_quant_conv:
+            z = conv(z.shape[-1], 1, name="post_quant_conv", **kw)(z)
         if self.positional:
             _, h, w, c = z.shape
             init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("pos", "conv_out"))
@@ -281,14 +290,16 @@ class KLAutoencoder(nn.Module):
     ch_mult: Sequence[int] = (1, 2, 4, 4)
     num_res_blocks: int = 2
     attn: bool = True
+    quant_conv: bool = False  # SD's 1x1 convs around the latent (diffusers use_quant_conv)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.encoder = ConvEncoder(self.ch, self.ch_mult, self.num_res_blocks, **kw)
-        self.head = MomentsHead(self.z_channels, self.attn, **kw)
-        self.decoder = ConvDecoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn, **kw)
+        self.head = MomentsHead(self.z_channels, self.attn, self.quant_conv, **kw)
+        self.decoder = ConvDecoder(self.ch, self.ch_mult, self.num_res_blocks, self.attn,
+                                   post_quant_conv=self.quant_conv, **kw)
 
     @property
     def downsample(self) -> int:

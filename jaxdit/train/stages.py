@@ -15,14 +15,19 @@ config saved in its checkpoint, on the same devices.
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdit.config_lib import ConfigError, base_config
+from jaxdit.config_lib import ConfigError, autoencoder_sections, base_config
 from jaxdit.data.pipeline import make_dataset, make_source
+from jaxdit.models.convert import (is_diffusers_vae, kl_vae_config_from_diffusers,
+                                   kl_vae_from_diffusers, read_diffusers_dir)
 from jaxdit.models.dvae import fine_downsample
 from jaxdit.models.vae import widen_latent
 from jaxdit.train.checkpoint import Checkpointer, load_params
@@ -46,22 +51,34 @@ def configure_from_vae(config) -> None:
 
 def configure_latent_vae(config) -> None:
     """``latent.kind='kl_vae'``: takes the KL-VAE architecture (``config.vae``) and the
-    latent size from the kl_vae run in ``latent.vae_workdir``."""
+    latent size from ``latent.vae_workdir``: a kl_vae training run, or a diffusers
+    ``AutoencoderKL`` folder (e.g. Stable Diffusion's VAE; its ``scaling_factor`` becomes
+    ``latent.scale`` unless that is set)."""
     workdir = config.latent.get("vae_workdir", "")
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")) and "vae" in config:
+    if is_diffusers_vae(workdir):
+        fields = kl_vae_config_from_diffusers(json.loads(
+            (Path(workdir) / "config.json").read_text()))
+        scale = fields.pop("scale")
+        vae = autoencoder_sections(base_config()).vae
+        vae.update(fields)
+        if config.latent.scale <= 0:
+            config.latent.scale = scale
+    elif not os.path.isdir(os.path.join(workdir, "checkpoints")) and "vae" in config:
         return  # a run's saved config: its checkpoints hold the VAE already
-    if not workdir:
+    elif not workdir:
         raise ConfigError("latent.kind='kl_vae' needs latent.vae_workdir: the workdir of a "
                           "KL-VAE run (python -m jaxdit.train --config experiments/vae.py:...) "
-                          "whose EMA weights encode the images.")
-    source = saved_config(workdir)
-    if source.model.family != "kl_vae":
-        raise ConfigError(f"latent.vae_workdir={workdir} trained model.family="
-                          f"{source.model.family!r}, not 'kl_vae'.")
+                          "whose EMA weights encode the images, or a diffusers AutoencoderKL "
+                          "folder.")
+    else:
+        source = saved_config(workdir)
+        if source.model.family != "kl_vae":
+            raise ConfigError(f"latent.vae_workdir={workdir} trained model.family="
+                              f"{source.model.family!r}, not 'kl_vae'.")
+        vae = source.vae
     with config.unlocked():  # text-to-image configs have no vae section of their own
-        config.vae = source.vae
-    config.latent.update(channels=source.vae.z_channels,
-                         downsample=2 ** (len(source.vae.ch_mult) - 1))
+        config.vae = vae
+    config.latent.update(channels=vae.z_channels, downsample=2 ** (len(vae.ch_mult) - 1))
 
 
 def latent_scale(encode, config, num_images: int) -> float:
@@ -113,17 +130,27 @@ def load_latent_vae(exp, state):
     (0: 1 / std of the latents of ``latent.scale_images`` training images)."""
     cfg = exp.config
     workdir = cfg.latent.vae_workdir
-    previous, step = restore_earlier_run(exp, saved_config(workdir), workdir)
+    if is_diffusers_vae(workdir):
+        weights, origin = diffusers_vae_weights(workdir, state.params["frozen_vae"]), "diffusers"
+    else:
+        previous, step = restore_earlier_run(exp, saved_config(workdir), workdir)
+        weights, origin = previous.ema_params, f"step {step}"
     scale = float(cfg.latent.get("scale", 0.0))
     if scale <= 0:
         if cfg.data.source == "cached":
             raise ConfigError("latent.scale is unset but the data are cached latents: the "
                               "cache's meta.json must record the scale it encoded with.")
-        state = with_frozen_vae(state, previous.ema_params, 1.0)
+        state = with_frozen_vae(state, weights, 1.0)
         scale = latent_scale(unscaled_encoder(exp, state.params), cfg, cfg.latent.scale_images)
-    print(f"Latents: KL-VAE from {workdir} (step {step}), {cfg.latent.channels} channels, "
+    print(f"Latents: KL-VAE from {workdir} ({origin}), {cfg.latent.channels} channels, "
           f"f{cfg.latent.downsample}, latent scale {scale:.4f}", flush=True)
-    return with_frozen_vae(state, previous.ema_params, scale)
+    return with_frozen_vae(state, weights, scale)
+
+
+def diffusers_vae_weights(folder: str, expected):
+    """KLAutoencoder params converted from a diffusers ``AutoencoderKL`` folder."""
+    _, state_dict = read_diffusers_dir(folder)
+    return kl_vae_from_diffusers(state_dict, expected)
 
 
 def load_widened_vae(exp, state):
@@ -134,9 +161,11 @@ def load_widened_vae(exp, state):
     if source.model.family != "kl_vae":
         raise ConfigError(f"vae.widen_from={cfg.vae.widen_from} trained model.family="
                           f"{source.model.family!r}, not 'kl_vae'.")
-    fields = ("ch", "ch_mult", "num_res_blocks", "attn")
-    if any(tuple(np.atleast_1d(source.vae[k])) != tuple(np.atleast_1d(cfg.vae[k]))
-           for k in fields):
+    fields = ("ch", "ch_mult", "num_res_blocks", "attn", "quant_conv")
+    if cfg.vae.get("quant_conv", False):
+        raise ConfigError("vae.widen_from widens VAEs without quant convs (vae.quant_conv).")
+    if any(tuple(np.atleast_1d(source.vae.get(k, False))) != tuple(np.atleast_1d(
+            cfg.vae.get(k, False))) for k in fields):
         raise ConfigError(f"vae.widen_from={cfg.vae.widen_from}: its vae {fields} must equal "
                           "this run's; only z_channels may grow.")
     previous, step = restore_earlier_run(exp, source, cfg.vae.widen_from)
@@ -158,8 +187,19 @@ def saved_config(workdir: str):
 
 def trained_weights(workdir: str, devices=None):
     """``(model, EMA params)`` of the latest checkpoint of the training run in ``workdir``,
-    rebuilt from its saved config on ``devices`` (default: the first device)."""
+    rebuilt from its saved config on ``devices`` (default: the first device); for a
+    diffusers ``AutoencoderKL`` folder, the converted KL-VAE."""
+    from jaxdit.models.registry import build_autoencoder  # pylint: disable=import-outside-toplevel
     from jaxdit.train.loop import Experiment  # pylint: disable=import-outside-toplevel
+    if is_diffusers_vae(workdir):
+        config = base_config()
+        config.latent.update(kind="kl_vae", vae_workdir=workdir)
+        configure_latent_vae(config)
+        model = build_autoencoder(config, "kl_vae")
+        images = jnp.zeros((1, 8, 8, 3))
+        shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images,
+                                                            False)))
+        return model, diffusers_vae_weights(workdir, shapes["params"])
     config = saved_config(workdir)
     config.mesh = base_config().mesh  # all data-parallel over ``devices``
     exp = Experiment(config, devices or jax.devices()[:1])

@@ -90,3 +90,30 @@ def test_damaged_caches_fail_clearly(caches, tmp_path):
     (broken / "text_mask.npy").write_bytes(b"garbage")
     with pytest.raises(CacheError, match="cannot read|text_mask"):
         CachedSource(str(broken))
+
+
+def test_class_conditional_cache_holds_latents_and_labels(tmp_path):
+    from jaxdit.data.pipeline import make_dataset, make_source  # pylint: disable=import-outside-toplevel
+    from jaxdit.train.loop import Experiment, write_samples  # pylint: disable=import-outside-toplevel
+    cfg = tiny_config("race_dit", "tiny-dense")
+    path = cache_features(cfg, "train", str(tmp_path / "train"), num=16, batch=8)
+    src = CachedSource(str(path))
+    assert src.meta["text"] is None and not Path(path, "text_tokens.npy").exists()
+    raw = make_source(cfg.data, "train")[3]
+    assert src[3]["label"] == raw["label"]
+    np.testing.assert_allclose(src[3]["image"], raw["image"] / 127.5 - 1.0, atol=1e-6)
+    train = tiny_config("race_dit", "tiny-dense")
+    train.data.update(source="cached", cache_dir=str(path), val_cache_dir=str(path))
+    exp = Experiment(train)
+    assert train.text.kind == "none"
+    batch = next(iter(make_dataset(train, "train", 8)))
+    assert set(batch) == {"image", "label"}
+    with exp.context():
+        state = exp.create_state()
+        state, metrics = exp.jit_train_step(exp.to_global(batch))(state, exp.to_global(batch))
+        assert np.isfinite(float(metrics["loss"]))
+        assert Path(write_samples(exp, state, 1, str(tmp_path / "wd"))).is_file()
+    text = tiny_config()
+    text.data.update(source="cached", cache_dir=str(path))
+    with pytest.raises(CacheError, match="holds no text features"):
+        Experiment(text)

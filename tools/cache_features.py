@@ -10,7 +10,8 @@ runs go). Writes the folder format of :mod:`jaxdit.data.cache`.
       --config.data.source=cached --config.data.cache_dir=cache/train \\
       --config.data.val_cache_dir=cache/val
 
-The text encoder must be frozen (``text.kind=pretrained``). Several ``text.layers`` are
+The text encoder must be frozen (``text.kind=pretrained``); a class-conditional config
+(``text.kind=none``: Race-DiT, ImageNet-style labels) caches latents and labels only. Several ``text.layers`` are
 cached concatenated, without the trained projection (the denoiser's text adapter maps any
 feature width). Captions get ``data.system_prompt`` as in training. Examples are taken in
 source order (the training pipeline shuffles the cache).
@@ -47,13 +48,17 @@ flags.mark_flags_as_required(["config", "out"])
 
 def make_encode_fn(cfg):
     """Jitted ``(images, ids, mask) -> latents, tokens, pooled`` for the frozen encoders,
-    and the text feature width."""
+    and the text feature width (a class-conditional model, ``text.kind='none'``: latents
+    only, tokens and pooled None, width 0)."""
+    encode_images = image_encoder(cfg)
+    if cfg.text.kind == "none":
+        return jax.jit(lambda images, ids, mask: (encode_images(images), None, None)), 0
     if cfg.text.kind != "pretrained":
-        raise ValueError("Caching needs a frozen text encoder: set text.kind='pretrained' "
-                         f"(got {cfg.text.kind!r}).")
+        raise ValueError("Caching text features needs a frozen text encoder: set "
+                         "text.kind='pretrained' (or 'none' for a class-conditional model; "
+                         f"got {cfg.text.kind!r}).")
     module = pretrained_text_module(cfg.text)
     variables = {"params": {"frozen_encoder": load_pretrained_text(cfg.text)}}
-    encode_images = image_encoder(cfg)
 
     @jax.jit
     def encode(images, ids, mask):
@@ -90,10 +95,10 @@ def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):
     latent = (s // f, s // f, cfg.latent.channels)
     shapes = {"latent": tuple(latent), "text_tokens": (cfg.text.max_len, width),
               "text_mask": (cfg.text.max_len,), "text_pooled": (width,), "label": ()}
-    meta = {"image_size": s, "latent": dict(cfg.latent),
-            "text": {"width": width, "max_len": cfg.text.max_len,
-                     "encoder": {k: (list(v) if isinstance(v, tuple) else v)
-                                 for k, v in cfg.text.items()}},
+    text = None if cfg.text.kind == "none" else {
+        "width": width, "max_len": cfg.text.max_len,
+        "encoder": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.text.items()}}
+    meta = {"image_size": s, "latent": dict(cfg.latent), "text": text,
             "system_prompt": cfg.data.system_prompt, "source": cfg.data.source,
             "split": split}
     writer = CacheWriter(out, num, shapes, meta)
@@ -114,7 +119,7 @@ def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):
                    captions)
     path = writer.close()
     logging.info("Cached %d examples (latent %s, text %s) in %.1fs to %s", num, latent,
-                 shapes["text_tokens"], time.time() - start, path)
+                 shapes["text_tokens"] if text else None, time.time() - start, path)
     return path
 
 

@@ -7,6 +7,8 @@ A cache is a folder of ``.npy`` arrays with one row per example, memory-mapped w
 * ``text_tokens`` (N, L, D) float16, ``text_mask`` (N, L) bool, ``text_pooled`` (N, D)
   float32: the frozen text encoder's outputs;
 * ``label`` (N,) int32, and ``captions.txt`` (one caption per line, for sample grids);
+  a cache for a class-conditional model (``text.kind='none'``) has no text arrays
+  (``meta["text"]`` is null);
 * ``meta.json``: counts, shapes and what produced them (config of the encoder, source).
 
 Writing goes to ``<dir>.partial`` and is renamed into place at the end, so an interrupted
@@ -24,6 +26,13 @@ import numpy as np
 
 ARRAYS = {"latent": np.float32, "text_tokens": np.float16, "text_mask": np.bool_,
           "text_pooled": np.float32, "label": np.int32}
+TEXT_ARRAYS = ("text_tokens", "text_mask", "text_pooled")
+
+
+def array_names(meta: dict) -> list[str]:
+    """The arrays a cache holds: all of :data:`ARRAYS`, without the text ones when it was
+    written for a class-conditional model."""
+    return [k for k in ARRAYS if meta.get("text") is not None or k not in TEXT_ARRAYS]
 
 
 class CacheError(ValueError):
@@ -42,7 +51,7 @@ class CacheWriter:
         self.num, self.meta, self.pos = num, meta, 0
         self.arrays = {k: np.lib.format.open_memmap(self.tmp / f"{k}.npy", mode="w+",
                                                     dtype=ARRAYS[k], shape=(num,) + shapes[k])
-                       for k in ARRAYS}
+                       for k in array_names(meta)}
         self.captions: list[str] = []
 
     def add(self, batch: dict, captions: list[str]) -> None:
@@ -90,7 +99,8 @@ class CachedSource:
         self.meta = read_meta(cache_dir)
         n = self.meta["num"]
         self.arrays = {}
-        for k, dtype in ARRAYS.items():
+        for k in array_names(self.meta):
+            dtype = ARRAYS[k]
             try:
                 a = np.load(self.dir / f"{k}.npy", mmap_mode="r")
             except (OSError, ValueError) as e:
@@ -118,11 +128,13 @@ class CachedSource:
 
 def cached_example(record: dict) -> dict:
     """A cached record as a model-ready example (fp32 features; no tokenization)."""
-    return {"image": record["image"].astype(np.float32),
-            "text_tokens": record["text_tokens"].astype(np.float32),
-            "text_mask": record["text_mask"].astype(bool),
-            "text_pooled": record["text_pooled"].astype(np.float32),
-            "label": np.asarray(record["label"], np.int32)}
+    out = {"image": record["image"].astype(np.float32),
+           "label": np.asarray(record["label"], np.int32)}
+    if "text_tokens" in record:
+        out.update(text_tokens=record["text_tokens"].astype(np.float32),
+                   text_mask=record["text_mask"].astype(bool),
+                   text_pooled=record["text_pooled"].astype(np.float32))
+    return out
 
 
 def configure_from_cache(config) -> dict:
@@ -136,8 +148,13 @@ def configure_from_cache(config) -> dict:
             if val[key] != meta[key]:
                 raise CacheError(f"data.val_cache_dir differs from data.cache_dir in {key}: "
                                  f"{val[key]} != {meta[key]}.")
-    config.text.update(kind="precomputed", width=meta["text"]["width"],
-                       max_len=meta["text"]["max_len"])
+    if meta["text"] is None:  # latents and labels only
+        if config.text.kind != "none":
+            raise CacheError(f"{config.data.cache_dir} holds no text features (written for a "
+                             "class-conditional model): train one (text.kind='none').")
+    else:
+        config.text.update(kind="precomputed", width=meta["text"]["width"],
+                           max_len=meta["text"]["max_len"])
     config.latent.update(**meta["latent"])
     config.data.image_size = meta["image_size"]
     return meta

@@ -33,6 +33,13 @@ def _inputs(batch=3):
     return ids, mask
 
 
+def _hf_forward(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor(ids, dtype=torch.long),
+                     attention_mask=torch.tensor(mask, dtype=torch.long),
+                     output_hidden_states=True)
+
+
 def _compare(path, reference_hidden, ids, mask, atol):
     text_cfg = base_config().text
     text_cfg.update(kind="pretrained", path=path)
@@ -52,9 +59,7 @@ def test_clip_text_matches_transformers(tmp_path):
     torch.manual_seed(0)
     model = transformers.CLIPTextModel(cfg).eval()
     ids, mask = _inputs()
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids, dtype=torch.long),
-                    attention_mask=torch.tensor(mask, dtype=torch.long), output_hidden_states=True)
+    out = _hf_forward(model, ids, mask)
     # ours: HF hidden_states, except the last after the final LayerNorm (last_hidden_state)
     want = [h.numpy() for h in out.hidden_states[:-1]] + [out.last_hidden_state.numpy()]
     module = _compare(_save(model, tmp_path / "clip"), want, ids, mask, atol=2e-5)
@@ -68,9 +73,7 @@ def test_t5_encoder_matches_transformers(tmp_path, proj):
     torch.manual_seed(0)
     model = transformers.T5EncoderModel(cfg).eval()
     ids, mask = _inputs()
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor(ids, dtype=torch.long),
-                    attention_mask=torch.tensor(mask, dtype=torch.long), output_hidden_states=True)
+    out = _hf_forward(model, ids, mask)
     want = [h.numpy() for h in out.hidden_states]
     module = _compare(_save(model, tmp_path / "t5"), want, ids, mask, atol=5e-5)
     assert isinstance(module, text_lib.T5Encoder) and module.gated == (proj != "relu")

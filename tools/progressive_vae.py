@@ -17,6 +17,7 @@ import os
 from absl import app, flags, logging
 
 from jaxdit import config_lib
+from jaxdit.models.vae import downsample_factor
 from jaxdit.train.loop import train_and_evaluate
 
 flags.DEFINE_integer("steps", 300, "N: steps of each stage (A and B train 2N).")
@@ -54,7 +55,7 @@ def main(argv):
     for name, r in rows.items():
         z = 8 if "8ch" in name else 4
         cfg = config_lib.vae_config(f"{size}-{z}ch")
-        cells = (cfg.data.image_size // 2 ** (len(cfg.vae.ch_mult) - 1)) ** 2 * z
+        cells = (cfg.data.image_size // downsample_factor(cfg.vae.ch_mult)) ** 2 * z
         print(f"{name:26s} {r['val/mse']:9.5f} {r['val/psnr']:8.2f} {r['val/kl']:9.4f} "
               f"{r['val/kl'] * cells:10.1f}")
 

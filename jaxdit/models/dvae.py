@@ -33,7 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdit.models.vae import ConvDecoder, ConvEncoder, MomentsHead, gaussian_kl
+from jaxdit.models.vae import (ConvDecoder, ConvEncoder, MomentsHead, downsample_factor,
+                               gaussian_kl)
 
 Dtype = Any
 GRAY = (0.2989, 0.5870, 0.1140)
@@ -46,7 +47,7 @@ def fine_downsample(ch_mult) -> int:
 
 def region_size(ch_mult) -> int:
     """Pixels per grain-map region (one coarse cell) of a DVAE with levels ``ch_mult``."""
-    return 2 * fine_downsample(ch_mult)
+    return downsample_factor(ch_mult)
 
 
 def region_entropy(images, region: int, bins: int = 32, sigma: float = 0.01):

@@ -270,6 +270,12 @@ class ConvDecoder(nn.Module):
         return conv(3, name="conv_out", **kw)(h).astype(jnp.float32)
 
 
+def downsample_factor(ch_mult) -> int:
+    """Pixels per latent cell of a conv encoder with levels ``ch_mult`` (a strided conv
+    between consecutive levels)."""
+    return 2 ** (len(ch_mult) - 1)
+
+
 def gaussian_sample(rng, mean, logvar):
     return mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape, mean.dtype)
 
@@ -303,7 +309,7 @@ class KLAutoencoder(nn.Module):
 
     @property
     def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
+        return downsample_factor(self.ch_mult)
 
     def moments(self, images):
         return self.head(self.encoder(images)[-1])

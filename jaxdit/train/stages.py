@@ -29,7 +29,7 @@ from jaxdit.data.pipeline import make_dataset, make_source
 from jaxdit.models.convert import (is_diffusers_vae, kl_vae_config_from_diffusers,
                                    kl_vae_from_diffusers, read_diffusers_dir)
 from jaxdit.models.dvae import fine_downsample
-from jaxdit.models.vae import widen_latent
+from jaxdit.models.vae import downsample_factor, widen_latent
 from jaxdit.train.checkpoint import Checkpointer, load_params
 
 
@@ -78,7 +78,7 @@ def configure_latent_vae(config) -> None:
         vae = source.vae
     with config.unlocked():  # text-to-image configs have no vae section of their own
         config.vae = vae
-    config.latent.update(channels=vae.z_channels, downsample=2 ** (len(vae.ch_mult) - 1))
+    config.latent.update(channels=vae.z_channels, downsample=downsample_factor(vae.ch_mult))
 
 
 def latent_scale(encode, config, num_images: int) -> float:
@@ -100,9 +100,10 @@ def with_frozen_vae(state, vae_params, scale: float):
     return state.replace(params=params, ema_params=ema)
 
 
-def unscaled_encoder(exp, params):
-    """Jitted ``images -> latents`` of the model's frozen VAE with latent scale 1."""
-    params = {**params, "frozen_latent_scale": jnp.ones(())}
+def unscaled_encoder(exp, vae_params):
+    """Jitted ``images -> latents`` of the model's frozen VAE with weights ``vae_params``
+    and latent scale 1 (only the VAE's params are needed)."""
+    params = {"frozen_vae": vae_params, "frozen_latent_scale": jnp.ones(())}
 
     def encode(images):
         out = exp.model.apply({"params": params}, images, method="encode")
@@ -117,8 +118,7 @@ def load_stage1_vae(exp, state):
     stage1_cfg = saved_config(cfg.d2it.vae_workdir)
     stage1_cfg.dvae = cfg.dvae  # its threshold is resolved already
     previous, step = restore_earlier_run(exp, stage1_cfg, cfg.d2it.vae_workdir)
-    state = with_frozen_vae(state, previous.ema_params, 1.0)
-    scale = latent_scale(unscaled_encoder(exp, state.params), cfg, cfg.d2it.scale_images)
+    scale = latent_scale(unscaled_encoder(exp, previous.ema_params), cfg, cfg.d2it.scale_images)
     print(f"D2iT: DVAE from {cfg.d2it.vae_workdir} (step {step}); latent std {1 / scale:.4f} "
           f"over {cfg.d2it.scale_images} images -> latent scale {scale:.4f}", flush=True)
     return with_frozen_vae(state, previous.ema_params, scale)
@@ -140,8 +140,7 @@ def load_latent_vae(exp, state):
         if cfg.data.source == "cached":
             raise ConfigError("latent.scale is unset but the data are cached latents: the "
                               "cache's meta.json must record the scale it encoded with.")
-        state = with_frozen_vae(state, weights, 1.0)
-        scale = latent_scale(unscaled_encoder(exp, state.params), cfg, cfg.latent.scale_images)
+        scale = latent_scale(unscaled_encoder(exp, weights), cfg, cfg.latent.scale_images)
     print(f"Latents: KL-VAE from {workdir} ({origin}), {cfg.latent.channels} channels, "
           f"f{cfg.latent.downsample}, latent scale {scale:.4f}", flush=True)
     return with_frozen_vae(state, weights, scale)

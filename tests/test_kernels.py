@@ -1,6 +1,8 @@
-"""Pallas flash attention against the XLA reference (interpret mode on CPU): values and
-gradients with masks, GQA/MQA, odd head dims, bf16, S != T; lowering for GPU (Triton) and
-TPU (Mosaic) checked by exporting from the CPU; the ``pallas`` backend inside a model."""
+"""Pallas flash attention and TPU splash attention against the XLA reference (interpret
+mode on CPU): values and gradients with masks, GQA/MQA, odd head dims, bf16, S != T;
+lowering for GPU (Triton) and TPU (Mosaic) checked by exporting from the CPU; both kernels
+per shard under device meshes; the ``pallas`` backend inside a model."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ from jax import export
 from jaxdit.kernels import dispatch
 from jaxdit.kernels.flash_attention import BlockSizes, flash_attention
 from jaxdit.kernels.reference import xla_attention
+from jaxdit.kernels.splash import splash_attention
+from jaxdit.parallel.mesh import LOGICAL_RULES, make_mesh
 
 SMALL = BlockSizes(16, 16, 16, 16)  # several blocks per sequence at test sizes
 FUSED = BlockSizes(16, 16, 16, 16, fused_bwd=True)  # dQ by atomics in the dK/dV kernel
@@ -74,6 +78,55 @@ def test_segment_ids_for_packed_samples():
                                                   segment_ids=ids), ref, atol=2e-5)
 
 
+@pytest.mark.parametrize("s,t,h,hkv,d,packed", [
+    (40, 56, 4, 2, 72, False),  # GQA, head dim 72 and lengths padded to 128 for Mosaic
+    (36, 36, 3, 1, 108, True),  # MQA, two packed samples per row plus masked padding
+])
+def test_splash_matches_xla(s, t, h, hkv, d, packed):
+    q, k, v, mask = _inputs(2, s, t, h, hkv, d, seed=7)
+    ids = None
+    if packed:
+        ids = (jnp.asarray(np.repeat([[0] * 20 + [1] * 16], 2, axis=0), jnp.int32),) * 2
+        mask = jnp.arange(t)[None] < jnp.array([[t], [30]])
+    fn = lambda *a: splash_attention(*a, segment_ids=ids)
+    ref = lambda *a: xla_attention(*a, segment_ids=ids)
+    np.testing.assert_allclose(jax.jit(fn)(q, k, v, mask), ref(q, k, v, mask), atol=2e-5)
+    got = jax.jit(jax.grad(_loss(fn, mask), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(_loss(ref, mask), argnums=(0, 1, 2))(q, k, v)
+    for g, w, name in zip(got, want, "qkv"):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"d{name}")
+    out = splash_attention(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16),
+                           v.astype(jnp.bfloat16), mask, segment_ids=ids)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), ref(q, k, v, mask), atol=5e-2)
+    np.testing.assert_allclose(dispatch.attention(q, k, v, mask, impl="splash",
+                                                  segment_ids=ids), ref(q, k, v, mask),
+                               atol=2e-5)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "splash"])
+def test_kernels_run_per_shard_under_a_mesh(impl):
+    """A kernel is a custom call the partitioner cannot split: under a mesh it runs in
+    ``shard_map`` on each device's batch (and, where the head counts divide, head) shard,
+    equal to the unsharded call in values and gradients. Where nothing divides (4 KV heads
+    over tensor=8, batch unsplit) it runs whole."""
+    q, k, v, _ = _inputs(8, 40, 40, 8, 4, 32, seed=2)
+    mask = jnp.arange(40)[None] < jnp.array([30] + [40] * 7)[:, None]
+    ids = (jnp.asarray(np.repeat([[0] * 24 + [1] * 16], 8, axis=0), jnp.int32),) * 2
+    call = lambda *a: dispatch.attention(*a, impl=impl, segment_ids=ids)
+    want = xla_attention(q, k, v, mask, segment_ids=ids)
+    gwant = jax.grad(_loss(lambda *a: xla_attention(*a, segment_ids=ids), mask),
+                     argnums=(0, 1, 2))(q, k, v)
+    for axes, split in ((dict(data=8), True), (dict(fsdp=4, tensor=2), True),
+                        (dict(tensor=8), False)):
+        with jax.set_mesh(make_mesh(axes)), nn.logical_axis_rules(LOGICAL_RULES):
+            assert ("shard_map" in str(jax.make_jaxpr(call)(q, k, v, mask))) == split, axes
+            np.testing.assert_allclose(jax.jit(call)(q, k, v, mask), want, atol=2e-5)
+            got = jax.jit(jax.grad(_loss(call, mask), argnums=(0, 1, 2)))(q, k, v)
+        for g, w, name in zip(got, gwant, "qkv"):
+            np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-4, err_msg=f"{axes} d{name}")
+
+
 def test_bf16_and_no_mask():
     q, k, v, _ = _inputs(1, 48, 48, 4, 2, 96, jnp.bfloat16, seed=3)
     out = flash_attention(q, k, v, None, blocks=SMALL)
@@ -134,7 +187,30 @@ def test_kernels_lower_for_gpu_and_tpu(platform, target):
                           disabled_checks=checks)(q, k, k, mask)
 
 
-def test_pallas_backend_in_dispatch_and_model():
+def test_splash_lowers_for_tpu_per_shard(monkeypatch):
+    """Splash (forward and backward) passes the Mosaic lowering at a DiT shape (bf16, GQA,
+    head dim 72, 300 tokens); under a data x tensor mesh each kernel sits inside one manual
+    (per-device) computation."""
+    _tpu_info_for_export()
+    q = jax.ShapeDtypeStruct((8, 300, 8, 72), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((8, 300, 2, 72), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((8, 300), jnp.bool_)
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "tpu")
+    fwd = lambda q, k, v, m: dispatch.attention(q, k, v, m, impl="splash")
+    grads = lambda q, k, v, m: jax.grad(lambda *a: fwd(*a, m).astype(jnp.float32).sum(),
+                                        argnums=(0, 1, 2))(q, k, v)
+    checks = [export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
+    lower = lambda fn: export.export(jax.jit(fn), platforms=["tpu"], disabled_checks=checks)(
+        q, k, k, mask).mlir_module()
+    assert lower(fwd).count("tpu_custom_call") == 1
+    assert lower(grads).count("tpu_custom_call") == 3  # forward, dQ, dK/dV
+    with jax.set_mesh(make_mesh(dict(data=4, tensor=2))), nn.logical_axis_rules(LOGICAL_RULES):
+        for impl in ("splash", "pallas"):
+            text = lower(lambda q, k, v, m, i=impl: dispatch.attention(q, k, v, m, impl=i))
+            assert text.count("tpu_custom_call") == 1 and "manual_computation" in text, impl
+
+
+def test_kernel_backends_in_dispatch_and_model():
     q, k, v, mask = _inputs(2, 20, 20, 4, 2, 16)
     np.testing.assert_allclose(dispatch.attention(q, k, v, mask, impl="pallas"),
                                xla_attention(q, k, v, mask), atol=2e-5)
@@ -155,11 +231,12 @@ def test_pallas_backend_in_dispatch_and_model():
     params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["image"], t, cond)
     params = jax.tree.map(lambda a: a + 0.05 * jnp.sin(jnp.arange(a.size).reshape(a.shape)),
                           params)
-    cfg.model.attn_impl = "pallas"
-    out = jax.jit(build_model(cfg).apply)(params, batch["image"], t, cond)
     ref = jax.jit(model.apply)(params, batch["image"], t, cond)
-    np.testing.assert_allclose(out, ref, atol=1e-4)
     assert float(jnp.abs(ref).max()) > 1e-3
+    for impl in ("pallas", "splash"):
+        cfg.model.attn_impl = impl
+        out = jax.jit(build_model(cfg).apply)(params, batch["image"], t, cond)
+        np.testing.assert_allclose(out, ref, atol=1e-4, err_msg=impl)
 
 
 def test_reference_bias_and_causal_mask_for_the_text_encoders():

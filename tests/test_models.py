@@ -197,7 +197,8 @@ def test_attention_backend_dispatch():
 
 
 def test_auto_attention_backend_choice(monkeypatch):
-    """``auto`` on a GPU: cuDNN where it can, Pallas for what cuDNN refuses, XLA elsewhere."""
+    """``auto`` on a GPU: cuDNN where it can, Pallas for what cuDNN refuses, XLA elsewhere;
+    on TPU splash where it can, else XLA."""
     from jaxdit.kernels import dispatch
     bf16 = lambda d, h=4: jax.ShapeDtypeStruct((2, 16, h, d), jnp.bfloat16)
     seg = (jnp.zeros((2, 16), jnp.int32),) * 2
@@ -210,3 +211,10 @@ def test_auto_attention_backend_choice(monkeypatch):
     assert dispatch.auto_backend(f32, f32, f32) == "pallas"
     big = jax.ShapeDtypeStruct((2, 16, 4, 320), jnp.bfloat16)
     assert dispatch.auto_backend(big, big, big) == "xla"  # neither fast backend
+    with pytest.raises(ValueError, match="splash attention is a TPU kernel"):
+        dispatch.attention(*(jnp.zeros((1, 8, 2, 64), jnp.bfloat16),) * 3, impl="splash")
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "tpu")  # splash on TPU
+    assert dispatch.auto_backend(bf16(72), bf16(72), bf16(72), seg) == "splash"
+    assert dispatch.auto_backend(f32, f32, f32) == "splash"
+    assert dispatch.auto_backend(bf16(64), bf16(64), bf16(64), extras=True) == "xla"
+    assert dispatch.auto_backend(big, big, big) == "xla"

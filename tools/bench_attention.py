@@ -28,7 +28,8 @@ from jaxdit.kernels import flash_attention as pallas_flash
 FLAGS = flags.FLAGS
 flags.DEFINE_list("image_tokens", ["256", "1024", "4096"], "Image token counts.")
 flags.DEFINE_list("head_dims", ["64", "72", "96"], "Head dims.")
-flags.DEFINE_list("backends", ["xla", "cudnn", "pallas"], "Backends to compare.")
+flags.DEFINE_list("backends", ["xla", "cudnn", "pallas", "splash"],
+                  "Backends to compare (each skipped where the platform lacks it).")
 flags.DEFINE_integer("text_tokens", 128, "Text tokens in front of the image tokens.")
 flags.DEFINE_integer("width", 1152, "Model width (heads = width / head_dim).")
 flags.DEFINE_integer("kv_heads", 0, "KV heads (0 = as many as query heads).")
@@ -43,9 +44,11 @@ flags.DEFINE_bool("allow_interpret", False, "Run Pallas interpreted on CPU (very
 def skip_reason(backend, q, k):
     if backend == "cudnn":
         return dispatch.cudnn_unsupported_reason(q, k)
-    if backend == "pallas":
+    if backend in ("pallas", "splash"):
         if jax.default_backend() == "cpu" and not FLAGS.allow_interpret:
             return "CPU runs Pallas interpreted (pass --allow_interpret to time it anyway)"
+        if backend == "splash":
+            return dispatch.splash_unsupported_reason(q, k, k)
         return pallas_flash.unsupported_reason(q, k, k)
     return None
 

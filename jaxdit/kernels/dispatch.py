@@ -5,23 +5,40 @@
   bf16/fp16, head dim a multiple of 8 up to 128).
 * ``pallas``: jaxdit's flash-attention kernels (:mod:`jaxdit.kernels.flash_attention`):
   Triton on GPU, Mosaic on TPU, interpret mode on CPU (slow; for tests).
-* ``auto``, from the H100 measurements in ``docs/performance.md``: on NVIDIA GPUs cuDNN
+* ``splash``: JAX's TPU splash-attention kernel (:mod:`jaxdit.kernels.splash`): Mosaic on
+  TPU, interpret mode on CPU (for tests); refused on GPU.
+* ``auto``: on NVIDIA GPUs, from the H100 measurements in ``docs/performance.md``, cuDNN
   where it supports the call (fastest at 1k-4k tokens), else the Pallas kernel (1.4-3.6x
-  faster than XLA: head dims cuDNN refuses, packed segment ids, fp32), else XLA; XLA on
-  CPU and TPU (the Mosaic kernel is not timed on a TPU yet).
+  faster than XLA: head dims cuDNN refuses, packed segment ids, fp32), else XLA. On TPU
+  splash where it supports the call (XLA materialises the S x S scores: 19 GiB at 4k
+  tokens on the H100; splash is MaxText's TPU default; not timed here, no TPU was
+  available), else XLA. XLA on CPU.
+
+The Pallas kernels (``pallas``, ``splash``) are custom calls the XLA partitioner cannot
+split, so under a device mesh they run inside ``shard_map`` on each device's shard: batch
+over the mesh axes of the ``batch`` logical rule, heads over those of ``act_heads`` when
+both the query and KV head counts divide (GQA groups stay on one device). Without that the
+partitioner would gather the whole batch onto every device and compute it there.
 
 An explicitly requested backend that cannot run the call raises ``ValueError`` saying why;
 only ``auto`` falls back.
 """
 from __future__ import annotations
 
+import functools
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from jaxdit.kernels import flash_attention as pallas_flash
+from jaxdit.kernels import splash
 from jaxdit.kernels.reference import xla_attention
+from jaxdit.parallel.mesh import LOGICAL_RULES
 
-BACKENDS = ("xla", "cudnn", "pallas", "auto")
+BACKENDS = ("xla", "cudnn", "pallas", "splash", "auto")
 
 
 def cudnn_unsupported_reason(q, k) -> str | None:
@@ -41,7 +58,10 @@ def cudnn_unsupported_reason(q, k) -> str | None:
 def auto_backend(q, k, v, segment_ids=None, extras: bool = False) -> str:
     """The backend ``auto`` picks for this call (see the module docstring); ``extras``: the
     call has a logit bias or a causal mask, which the Pallas kernel does not take."""
-    if jax.default_backend() != "gpu":
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "xla" if extras or splash.unsupported_reason(q, k, v) else "splash"
+    if platform != "gpu":
         return "xla"
     if segment_ids is None and cudnn_unsupported_reason(q, k) is None:
         return "cudnn"
@@ -56,7 +76,7 @@ def check_backend(impl: str) -> None:
 def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None,
               segment_ids=None, bias=None, causal: bool = False):
     """``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D), ``key_mask`` (B, T) bool or None,
-    ``segment_ids`` None or ``(q_ids (B, S), kv_ids (B, T))`` (xla and pallas only),
+    ``segment_ids`` None or ``(q_ids (B, S), kv_ids (B, T))`` (not cudnn),
     ``bias`` an additive logit bias broadcastable to (B, H, S, T) and ``causal`` (xla and
     cudnn only: the text encoders use them)."""
     check_backend(impl)
@@ -65,14 +85,8 @@ def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None 
         impl = auto_backend(q, k, v, segment_ids, extras)
     if impl == "xla":
         return xla_attention(q, k, v, key_mask, scale, segment_ids, bias, causal)
-    if impl == "pallas":
-        reason = pallas_flash.unsupported_reason(q, k, v)
-        if extras:
-            reason = "the kernel takes no logit bias or causal mask"
-        if reason:
-            raise ValueError(f"attn_impl='pallas' cannot run this call: {reason}.")
-        return pallas_flash.flash_attention(q, k, v, key_mask, segment_ids=segment_ids,
-                                            scale=scale)
+    if impl in ("pallas", "splash"):
+        return _kernel_attention(impl, q, k, v, key_mask, segment_ids, scale, extras)
     if segment_ids is not None:
         raise ValueError("attn_impl='cudnn' does not take segment_ids here; use 'pallas' or "
                          "'xla'.")
@@ -88,3 +102,53 @@ def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None 
         bias = jnp.broadcast_to(bias, (bias.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
                                         is_causal=causal, implementation="cudnn")
+
+
+def splash_unsupported_reason(q, k, v) -> str | None:
+    """Why splash cannot run this call here, or None if it can."""
+    if jax.default_backend() == "gpu":
+        return "splash attention is a TPU kernel (use 'pallas' or 'cudnn' on GPUs)"
+    return splash.unsupported_reason(q, k, v)
+
+
+KERNELS = {  # backend -> (kernel, why it cannot run a call)
+    "pallas": (pallas_flash.flash_attention, pallas_flash.unsupported_reason),
+    "splash": (splash.splash_attention, splash_unsupported_reason),
+}
+
+
+def _kernel_attention(impl, q, k, v, key_mask, segment_ids, scale, extras):
+    kernel, unsupported = KERNELS[impl]
+    reason = "the kernel takes no logit bias or causal mask" if extras else unsupported(q, k, v)
+    if reason:
+        raise ValueError(f"attn_impl={impl!r} cannot run this call: {reason}.")
+    return per_shard(functools.partial(kernel, scale=scale), q, k, v, key_mask, segment_ids)
+
+
+def _mesh_axes(logical: str, sizes: dict, dim: int | tuple[int, ...]) -> tuple[str, ...]:
+    """Mesh axes (of more than one device) the ``logical`` axis maps to under the rules in
+    context, or () unless their product divides every size in ``dim``."""
+    spec = nn.logical_to_mesh_axes((logical,), nn.get_logical_axis_rules() or LOGICAL_RULES)[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
+    n = math.prod(sizes[a] for a in axes)
+    return axes if all(d % n == 0 for d in (dim if isinstance(dim, tuple) else (dim,))) else ()
+
+
+def per_shard(kernel, q, k, v, key_mask=None, segment_ids=None):
+    """``kernel(q, k, v, key_mask, segment_ids=...)`` on each device's shard of the mesh in
+    context (see the module docstring); called directly without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    call = lambda q, k, v, m, ids: kernel(q, k, v, m, segment_ids=ids)
+    if mesh.empty:
+        return call(q, k, v, key_mask, segment_ids)
+    sizes = dict(mesh.shape)
+    batch = _mesh_axes("batch", sizes, q.shape[0]) or None
+    heads = _mesh_axes("act_heads", sizes, (q.shape[2], k.shape[2])) or None
+    if batch is None and heads is None:
+        return call(q, k, v, key_mask, segment_ids)
+    qkv, rows = P(batch, None, heads, None), P(batch, None)
+    mask_spec = None if key_mask is None else rows
+    ids_spec = None if segment_ids is None else (rows, rows)
+    return jax.shard_map(call, mesh=mesh, in_specs=(qkv, qkv, qkv, mask_spec, ids_spec),
+                         out_specs=qkv, check_vma=False)(q, k, v, key_mask, segment_ids)

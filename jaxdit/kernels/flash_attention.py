@@ -308,7 +308,7 @@ def _check_blocks(blocks: BlockSizes, platform: str) -> None:
                          "Mosaic TPU has none: use fused_bwd=False there.")
 
 
-def _segments(b: int, s: int, t: int, key_mask, segment_ids):
+def segment_arrays(b: int, s: int, t: int, key_mask, segment_ids):
     """Query and key segment ids (B, S), (B, T) int32 with masked keys set to -1 (the one
     masking mechanism of the kernels). User segment ids must be >= 0."""
     if segment_ids is None:
@@ -360,7 +360,7 @@ def flash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float | 
         x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))
         return x.transpose(0, 2, 1, 3)
 
-    qseg, kseg = _segments(b, s, t, key_mask, segment_ids)
+    qseg, kseg = segment_arrays(b, s, t, key_mask, segment_ids)
     qseg = jnp.pad(qseg, ((0, 0), (0, s_pad - s)))[:, :, None]
     kseg = jnp.pad(kseg, ((0, 0), (0, t_pad - t)), constant_values=-1)[:, None, :]
     out = _flash_core(head_major(q, s_pad), head_major(k, t_pad), head_major(v, t_pad), qseg,

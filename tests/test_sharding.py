@@ -101,12 +101,17 @@ def _kl_vae_latent(cfg):
     cfg.model.patch_size = 2
 
 
-@pytest.mark.parametrize("edit", [_pretrained_text, _draft, _kl_vae_latent],
-                         ids=["pretrained_text", "draft", "kl_vae_latent"])
+def _pallas_attention(cfg):
+    """The Pallas flash-attention kernel (interpreted on CPU), per shard under the mesh."""
+    cfg.model.attn_impl = "pallas"
+
+
+@pytest.mark.parametrize("edit", [_pretrained_text, _draft, _kl_vae_latent, _pallas_attention],
+                         ids=["pretrained_text", "draft", "kl_vae_latent", "pallas_attention"])
 def test_training_modes_match_across_meshes(edit):
-    """The frozen MiniLM encoder (+ layer projection), the DRaFT objective and a frozen
-    KL-VAE latent space: loss and gradients on 1 device equal those on the data x fsdp x
-    tensor mesh."""
+    """The frozen MiniLM encoder (+ layer projection), the DRaFT objective, a frozen KL-VAE
+    latent space and the Pallas attention kernel: loss and gradients on 1 device equal
+    those on the data x fsdp x tensor mesh."""
     ref_loss, ref_grads, _ = _grads("dit_air", "tiny", "1dev", edit)
     assert np.isfinite(ref_loss)
     loss, grads, sharded = _grads("dit_air", "tiny", "dp2_fsdp2_tp2", edit)

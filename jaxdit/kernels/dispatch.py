@@ -125,14 +125,18 @@ def _kernel_attention(impl, q, k, v, key_mask, segment_ids, scale, extras):
     return per_shard(functools.partial(kernel, scale=scale), q, k, v, key_mask, segment_ids)
 
 
-def _mesh_axes(logical: str, sizes: dict, dim: int | tuple[int, ...]) -> tuple[str, ...]:
-    """Mesh axes (of more than one device) the ``logical`` axis maps to under the rules in
-    context, or () unless their product divides every size in ``dim``."""
+def _mesh_axes(logical: str, sizes: dict, dims: tuple[int, ...]) -> tuple[str, ...]:
+    """The mesh axes (of more than one device) the ``logical`` axis maps to under the rules
+    in context, as far as their product divides every size in ``dims`` (a prefix)."""
     spec = nn.logical_to_mesh_axes((logical,), nn.get_logical_axis_rules() or LOGICAL_RULES)[0]
     axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
-    n = math.prod(sizes[a] for a in axes)
-    return axes if all(d % n == 0 for d in (dim if isinstance(dim, tuple) else (dim,))) else ()
+    kept = []
+    for a in (a for a in axes if sizes.get(a, 1) > 1):
+        n = math.prod(sizes[b] for b in kept + [a])
+        if any(d % n for d in dims):
+            break
+        kept.append(a)
+    return tuple(kept)
 
 
 def per_shard(kernel, q, k, v, key_mask=None, segment_ids=None):
@@ -143,7 +147,7 @@ def per_shard(kernel, q, k, v, key_mask=None, segment_ids=None):
     if mesh.empty:
         return call(q, k, v, key_mask, segment_ids)
     sizes = dict(mesh.shape)
-    batch = _mesh_axes("batch", sizes, q.shape[0]) or None
+    batch = _mesh_axes("batch", sizes, (q.shape[0],)) or None
     heads = _mesh_axes("act_heads", sizes, (q.shape[2], k.shape[2])) or None
     if batch is None and heads is None:
         return call(q, k, v, key_mask, segment_ids)

@@ -36,7 +36,7 @@ flags.DEFINE_float("peak_tflops", 989.0, "Accelerator peak TFLOP/s for MFU.")
 flags.DEFINE_string("dtype", "bfloat16", "Compute dtype.")
 flags.DEFINE_string("optim", "adafactor", "Optimizer.")
 flags.DEFINE_string("remat", "full", "Block rematerialisation: none | full | dots.")
-flags.DEFINE_string("attn_impl", "xla", "Attention backend: xla | cudnn | pallas | auto.")
+flags.DEFINE_string("attn_impl", "xla", "Attention backend: xla | cudnn | pallas | splash | auto.")
 flags.DEFINE_integer("profile_top", 0, "If > 0: trace 3 steps and print the N device "
                      "kernels that take the most time per step, and time per kernel class.")
 flags.mark_flags_as_required(["config"])

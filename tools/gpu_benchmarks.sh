@@ -3,9 +3,10 @@
 # machine reproduces them in one or two calls. Logs go to ${OUT:-/tmp/jaxdit_bench}.
 #   bash tools/gpu_benchmarks.sh kernels   # correctness of cudnn/pallas, attention sweep
 #   bash tools/gpu_benchmarks.sh train     # DiT-XL/2 train step: jaxdit backends vs PyTorch
+#   bash tools/gpu_benchmarks.sh mfu       # not yet run: the next candidates for the 45% goal
 # Optional wheels (grain, ml-collections, diffusers, ...) are installed from .whl/ if present.
 set -uo pipefail
-stage=${1:?usage: gpu_benchmarks.sh kernels|train}
+stage=${1:?usage: gpu_benchmarks.sh kernels|fused|step|train|mfu}
 out=${OUT:-/tmp/jaxdit_bench}
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -55,4 +56,15 @@ case $stage in
     done
     run 150 train_torch python3 tools/bench_torch_dit.py --size XL --batch 128 --compile
     ;;
+  mfu)  # DiT-XL/2 step variants the profile points at (elementwise passes, 27% of the step):
+        # no remat (PyTorch's step needs 45.8 GiB without checkpointing) and cuBLASLt GEMM
+        # epilogues (bias + GELU fused into the matmul)
+    xl="python3 tools/bench_train_step.py --config experiments/race_dit.py:XL-dense \
+      --optim adamw --attn_impl cudnn --steps 5 --batch 128"
+    run 150 mfu_dots $xl --remat dots
+    run 150 mfu_none $xl --remat none
+    run 150 mfu_dots_lt env XLA_FLAGS=--xla_gpu_enable_cublaslt=true $xl --remat dots
+    run 150 mfu_none_lt env XLA_FLAGS=--xla_gpu_enable_cublaslt=true $xl --remat none
+    ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

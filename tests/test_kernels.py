@@ -240,8 +240,8 @@ def test_kernel_backends_in_dispatch_and_model():
 
 
 def test_reference_bias_and_causal_mask_for_the_text_encoders():
-    """The T5 bias and CLIP causal mask of the XLA path equal a per-head softmax written
-    out; the Pallas kernel refuses them and ``auto`` on CPU takes XLA."""
+    """The T5 bias, CLIP causal mask and Gemma 2 soft cap of the XLA path equal a per-head
+    softmax written out; the kernels refuse them and ``auto`` takes XLA."""
     rng = np.random.default_rng(3)
     b, s, h, hkv, d = 2, 6, 4, 2, 8
     q = jnp.asarray(rng.normal(size=(b, s, h, d)), jnp.float32)
@@ -254,7 +254,17 @@ def test_reference_bias_and_causal_mask_for_the_text_encoders():
     allowed = mask[:, None, None, :] & jnp.tril(jnp.ones((s, s), bool))
     want = jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(jnp.where(allowed, logits, -1e30)), vr)
     np.testing.assert_allclose(out, want, atol=1e-5)
-    with pytest.raises(ValueError, match="no logit bias or causal"):
+    with pytest.raises(ValueError, match="no logit bias, causal mask"):
         dispatch.attention(q, k, v, mask, impl="pallas", causal=True)
+    capped = xla_attention(q, k, v, mask, softcap=0.5)  # Gemma 2: tanh-capped logits
+    want_capped = jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(jnp.where(
+        mask[:, None, None, :], 0.5 * jnp.tanh(jnp.einsum("bshd,bthd->bhst", q, kr)
+                                                * d ** -0.5 / 0.5), -1e30)), vr)
+    np.testing.assert_allclose(capped, want_capped, atol=1e-5)
+    np.testing.assert_allclose(dispatch.attention(q, k, v, mask, impl="auto", softcap=0.5),
+                               capped, atol=1e-6)
+    for impl in ("pallas", "cudnn"):
+        with pytest.raises(ValueError, match="soft-capping"):
+            dispatch.attention(q, k, v, mask, impl=impl, softcap=0.5)
     np.testing.assert_allclose(dispatch.attention(q, k, v, mask, impl="auto", scale=1.0,
                                                   bias=bias, causal=True), out, atol=1e-6)

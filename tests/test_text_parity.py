@@ -1,5 +1,5 @@
-"""CLIP's text tower and T5's encoder, loaded from Hugging Face folders, match
-``transformers`` (small random models, torch on CPU) hidden state by hidden state."""
+"""CLIP's text tower, T5's encoder and Gemma / Gemma 2, loaded from Hugging Face folders,
+match ``transformers`` (small random models, torch on CPU) hidden state by hidden state."""
 import jax
 import numpy as np
 import pytest
@@ -53,8 +53,15 @@ def test_clip_text_matches_transformers(tmp_path):
     out = _hf_forward(model, ids, mask)
     # ours: HF hidden_states, except the last after the final LayerNorm (last_hidden_state)
     want = [h.numpy() for h in out.hidden_states[:-1]] + [out.last_hidden_state.numpy()]
-    module = _compare(save_hf_folder(model, tmp_path / "clip"), want, ids, mask, atol=2e-5)
+    path = save_hf_folder(model, tmp_path / "clip")
+    module = _compare(path, want, ids, mask, atol=2e-5)
     assert isinstance(module, text_lib.ClipTextEncoder)
+    # a model configured for the Pallas kernel runs its causal encoder through `auto`
+    text_cfg = base_config().text
+    text_cfg.update(kind="pretrained", path=path)
+    on_pallas = text_lib.pretrained_text_module(text_cfg, attn_impl="pallas").frozen_encoder
+    hidden = on_pallas.apply({"params": text_lib.load_pretrained_text(text_cfg)}, ids, mask)
+    np.testing.assert_allclose(np.asarray(hidden[-1])[mask], want[-1][mask], atol=2e-5)
 
 
 @pytest.mark.parametrize("proj", ["gated-gelu", "relu"])  # T5 v1.1 / flan, original T5
@@ -68,6 +75,50 @@ def test_t5_encoder_matches_transformers(tmp_path, proj):
     want = [h.numpy() for h in out.hidden_states]
     module = _compare(save_hf_folder(model, tmp_path / "t5"), want, ids, mask, atol=5e-5)
     assert isinstance(module, text_lib.T5Encoder) and module.gated == (proj != "relu")
+
+
+@pytest.mark.parametrize("version", ["gemma", "gemma2"])
+def test_gemma_matches_transformers(tmp_path, version):
+    """Gemma 2 with a soft cap low enough to bind, a query scale that is not the head
+    dim's, GQA; every weight perturbed (Gemma initialises its norm weights to 0)."""
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=64)
+    if version == "gemma2":
+        cfg = transformers.Gemma2Config(**common, query_pre_attn_scalar=16,
+                                        attn_logit_softcapping=2.0, sliding_window=32)
+        cls = transformers.Gemma2Model
+    else:
+        cfg, cls = transformers.GemmaConfig(**common), transformers.GemmaModel
+    torch.manual_seed(0)
+    model = cls._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids, mask = _inputs()
+    out = _hf_forward(model, ids, mask)
+    want = [h.numpy() for h in out.hidden_states]
+    module = _compare(save_hf_folder(model, tmp_path / version), want, ids, mask, atol=5e-5)
+    assert isinstance(module, text_lib.GemmaEncoder)
+    assert module.sandwich == (version == "gemma2") and module.num_kv_heads == 2
+    if version == "gemma2":
+        assert (module.softcap, module.query_scale) == (2.0, 0.25)
+        with pytest.raises(ValueError, match="sliding window"):
+            module.apply({"params": {}}, np.zeros((1, 40), np.int32), np.ones((1, 40), bool))
+
+
+def test_gemma2_2b_parameter_count():
+    """Gemma-2-2B (Lumina-Image 2.0's text encoder) from its config: 2,614,341,888
+    parameters (eval_shape, nothing allocated)."""
+    from jaxdit.models.convert_text import encoder_from_hf_config
+    cls, fields = encoder_from_hf_config(dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=2304, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=9216,
+        query_pre_attn_scalar=256, attn_logit_softcapping=50.0, sliding_window=4096,
+        hidden_activation="gelu_pytorch_tanh", rms_norm_eps=1e-6, rope_theta=10000.0))
+    ids = jax.ShapeDtypeStruct((1, 8), np.int32)
+    shapes = jax.eval_shape(lambda i: cls(**fields).init(jax.random.PRNGKey(0), i, i > 0), ids)
+    assert sum(np.prod(a.shape) for a in jax.tree.leaves(shapes)) == 2_614_341_888
 
 
 def test_unsupported_text_encoder_is_refused(tmp_path):

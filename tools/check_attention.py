@@ -3,6 +3,7 @@ values and gradients against the XLA reference evaluated in float32 on upcast in
 
   python tools/check_attention.py                          # cudnn and pallas, all cases
   python tools/check_attention.py --backends pallas --blocks 128,64,64,64,4,3
+  python tools/check_attention.py --backends splash,pallas  # on a TPU VM (not run yet)
 
 Every case draws fresh random inputs (never zeros) and reports the relative error
 ``|out - ref| / |ref|`` (Frobenius norms) of the output and of each gradient, for a loss

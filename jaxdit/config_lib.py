@@ -62,11 +62,13 @@ def base_config() -> ml_collections.ConfigDict:
         # to use (0 = embeddings, -1 = last; several are concatenated and projected) and the
         # projection width (0 = the encoder's width).
         path="", layers=(-1,), proj_width=0))
-    # latent.kind: "identity" (pixels), "kl_vae" (a trained KL-VAE run in vae_workdir, held
-    # frozen in the model; latents scaled by ``scale``, 0 = 1 / their std on scale_images
-    # training images) or "dvae" (D2iT's, config.d2it).
+    # latent.kind: "identity" (pixels), "kl_vae" (a trained KL-VAE run or a diffusers
+    # AutoencoderKL folder in vae_workdir, held frozen in the model; latents are
+    # (z - shift) * scale, scale 0 = 1 / their std on scale_images training images, shift
+    # from a diffusers VAE's shift_factor, e.g. FLUX's) or "dvae" (D2iT's, config.d2it).
     c.latent = ml_collections.ConfigDict(dict(kind="identity", channels=3, downsample=1,
-                                              vae_workdir="", scale=0.0, scale_images=256))
+                                              vae_workdir="", scale=0.0, shift=0.0,
+                                              scale_images=256))
 
     c.data = ml_collections.ConfigDict(dict(
         source="shapes", image_size=32, num_train=50_000, num_val=512, max_objects=3, seed=0,

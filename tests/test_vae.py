@@ -163,24 +163,33 @@ def test_cached_kl_vae_latents_keep_their_scale(vae4, tmp_path):
     assert (train.latent.channels, train.latent.downsample) == (4, 2)
 
 
-def test_diffusers_autoencoder_kl_is_a_frozen_latent_space(tmp_path):
-    """A diffusers AutoencoderKL folder (Stable Diffusion's VAE layout, random weights)
-    converts to KLAutoencoder with equal posterior means and decodes, and serves as
-    ``latent.vae_workdir`` with its scaling factor."""
+@pytest.mark.parametrize("layout", ["sd", "flux"])
+def test_diffusers_autoencoder_kl_is_a_frozen_latent_space(tmp_path, layout):
+    """A diffusers AutoencoderKL folder (random weights; Stable Diffusion's layout with
+    quant convs, or FLUX's without them and with a shift factor) converts to KLAutoencoder
+    with equal posterior means and decodes, and serves as ``latent.vae_workdir``: the
+    model's latents are ``(mean - shift) * scale`` and decode back through the VAE."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
+    flux = layout == "flux"
+    shift = 0.1 if flux else 0.0
     ref = diffusers.AutoencoderKL(
         block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        scaling_factor=0.25).eval()
+        scaling_factor=0.25, shift_factor=shift if flux else None, use_quant_conv=not flux,
+        use_post_quant_conv=not flux).eval()
     with torch.no_grad():  # non-trivial norms and biases, so the mapping is exercised
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     folder = tmp_path / "sd_vae"
     ref.save_pretrained(str(folder))
     model, params = trained_weights(str(folder))
-    assert model.quant_conv and model.ch_mult == (1, 2)
+    assert model.quant_conv == (not flux) and model.ch_mult == (1, 2)
+    if flux:  # one quant conv without the other has no KLAutoencoder layout
+        from jaxdit.models.convert import ConversionError, kl_vae_config_from_diffusers
+        with pytest.raises(ConversionError, match="use_post_quant_conv"):
+            kl_vae_config_from_diffusers({**ref.config, "use_post_quant_conv": True})
     images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
     z = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
     with torch.no_grad():
@@ -193,9 +202,15 @@ def test_diffusers_autoencoder_kl_is_a_frozen_latent_space(tmp_path):
     np.testing.assert_allclose(apply("decode", z), recon, atol=2e-4, rtol=1e-3)
     cfg = _latent_config(str(folder))
     exp = Experiment(cfg, ONE)
-    assert (cfg.latent.scale, cfg.latent.channels, cfg.latent.downsample) == (0.25, 4, 2)
+    assert (cfg.latent.scale, cfg.latent.shift, cfg.latent.channels,
+            cfg.latent.downsample) == (0.25, shift, 4, 2)
     with exp.context():
         state = exp.create_state()
+        latents = exp.model.apply({"params": state.params}, images, method="encode")
+        decoded = exp.model.apply({"params": state.params}, latents, method="decode")
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params["frozen_vae"]),
                  jax.device_get(params))
     assert float(state.params["frozen_latent_scale"]) == 0.25
+    np.testing.assert_allclose(latents, (mean - shift) * 0.25, atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(decoded, apply("decode", np.asarray(mean, np.float32)),
+                               atol=1e-4, rtol=1e-3)

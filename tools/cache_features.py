@@ -80,9 +80,10 @@ def image_encoder(cfg):
     unscaled = jax.jit(lambda x: model.apply({"params": params}, x, method="encode"))
     if cfg.latent.scale <= 0:
         cfg.latent.scale = latent_scale(unscaled, cfg, cfg.latent.scale_images)
-    scale = float(cfg.latent.scale)
-    logging.info("Latents of the KL-VAE in %s, scale %.4f", cfg.latent.vae_workdir, scale)
-    return lambda images: unscaled(images) * scale
+    scale, shift = float(cfg.latent.scale), float(cfg.latent.get("shift", 0.0))
+    logging.info("Latents of the KL-VAE in %s, scale %.4f, shift %.4f", cfg.latent.vae_workdir,
+                 scale, shift)
+    return lambda images: (unscaled(images) - shift) * scale
 
 
 def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):

@@ -217,12 +217,14 @@ VAE_RES_NAMES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": 
 
 
 def kl_vae_config_from_diffusers(dcfg: Mapping) -> dict:
-    """``config.vae`` fields and the latent scale of a diffusers ``AutoencoderKL`` config."""
+    """``config.vae`` fields plus the latent ``scale`` and ``shift`` of a diffusers
+    ``AutoencoderKL`` config (Stable Diffusion's: quant convs, no shift; FLUX's: 16
+    channels, no quant convs, ``shift_factor``)."""
     chans = list(dcfg["block_out_channels"])
     checks = {"in_channels": 3, "out_channels": 3, "norm_num_groups": 32, "act_fn": "silu",
-              "shift_factor": None, "mid_block_add_attention": True}
-    bad = {k: dcfg[k] for k, want in checks.items()
-           if dcfg.get(k, want) not in (want, 0.0 if k == "shift_factor" else want)}
+              "mid_block_add_attention": True,
+              "use_post_quant_conv": dcfg.get("use_quant_conv", True)}
+    bad = {k: dcfg[k] for k, want in checks.items() if dcfg.get(k, want) != want}
     if bad or any(c % chans[0] for c in chans):
         raise ConversionError(f"AutoencoderKL config not supported ({bad or chans}): jaxdit's "
                               f"KLAutoencoder needs {checks} and channel multiples of the first.")
@@ -230,7 +232,8 @@ def kl_vae_config_from_diffusers(dcfg: Mapping) -> dict:
                 ch_mult=tuple(c // chans[0] for c in chans),
                 num_res_blocks=dcfg["layers_per_block"],
                 quant_conv=bool(dcfg.get("use_quant_conv", True)),
-                scale=float(dcfg.get("scaling_factor", 0.18215)))
+                scale=float(dcfg.get("scaling_factor", 0.18215)),
+                shift=float(dcfg.get("shift_factor") or 0.0))
 
 
 def _conv(out: dict, path: str, sd: dict, name: str):

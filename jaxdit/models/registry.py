@@ -108,17 +108,19 @@ class DiffusionModel(nn.Module):
     class_conditional: bool = False
     null_token_id: int = 1  # first token of the empty caption (BOS, or [CLS] for BERT)
     frozen_vae: nn.Module | None = None
+    latent_shift: float = 0.0  # latents = (z - shift) * scale (a diffusers shift_factor)
 
     def setup(self):
         if self.frozen_vae is not None:
             self.frozen_latent_scale = latent_scale_param(self)
 
     def encode(self, images):
-        """Scaled posterior means of the frozen VAE, no gradient."""
-        return jax.lax.stop_gradient(self.frozen_vae.encode(images) * self.frozen_latent_scale)
+        """Shifted and scaled posterior means of the frozen VAE, no gradient."""
+        z = self.frozen_vae.encode(images) - self.latent_shift
+        return jax.lax.stop_gradient(z * self.frozen_latent_scale)
 
     def decode(self, latents):
-        return self.frozen_vae.decode(latents / self.frozen_latent_scale)
+        return self.frozen_vae.decode(latents / self.frozen_latent_scale + self.latent_shift)
 
     def encode_text(self, cond):
         if "text_ids" not in cond:
@@ -214,7 +216,8 @@ def build_model(config, null_token_id: int = 1) -> nn.Module:
                              f"{config.latent.downsample}) must be the VAE's "
                              f"({vae.z_channels}, {vae.downsample}).")
     return DiffusionModel(denoiser, encoder, class_conditional=class_cond,
-                          null_token_id=null_token_id, frozen_vae=vae)
+                          null_token_id=null_token_id, frozen_vae=vae,
+                          latent_shift=float(config.latent.get("shift", 0.0)))
 
 
 def persistent_variables(variables):

@@ -52,13 +52,13 @@ def configure_from_vae(config) -> None:
 def configure_latent_vae(config) -> None:
     """``latent.kind='kl_vae'``: takes the KL-VAE architecture (``config.vae``) and the
     latent size from ``latent.vae_workdir``: a kl_vae training run, or a diffusers
-    ``AutoencoderKL`` folder (e.g. Stable Diffusion's VAE; its ``scaling_factor`` becomes
-    ``latent.scale`` unless that is set)."""
+    ``AutoencoderKL`` folder (e.g. Stable Diffusion's or FLUX's VAE; its ``scaling_factor``
+    becomes ``latent.scale`` unless that is set, its ``shift_factor`` ``latent.shift``)."""
     workdir = config.latent.get("vae_workdir", "")
     if is_diffusers_vae(workdir):
         fields = kl_vae_config_from_diffusers(json.loads(
             (Path(workdir) / "config.json").read_text()))
-        scale = fields.pop("scale")
+        scale, shift = fields.pop("scale"), fields.pop("shift")
         vae = autoencoder_sections(base_config()).vae
         vae.update(fields)
         if config.latent.scale <= 0:
@@ -75,9 +75,10 @@ def configure_latent_vae(config) -> None:
         if source.model.family != "kl_vae":
             raise ConfigError(f"latent.vae_workdir={workdir} trained model.family="
                               f"{source.model.family!r}, not 'kl_vae'.")
-        vae = source.vae
+        vae, shift = source.vae, 0.0  # a jaxdit KL-VAE's latents are centred by its KL term
     with config.unlocked():  # text-to-image configs have no vae section of their own
         config.vae = vae
+        config.latent.shift = shift  # (configs saved before shift existed lack the field)
     config.latent.update(channels=vae.z_channels, downsample=downsample_factor(vae.ch_mult))
 
 
@@ -102,7 +103,8 @@ def with_frozen_vae(state, vae_params, scale: float):
 
 def unscaled_encoder(exp, vae_params):
     """Jitted ``images -> latents`` of the model's frozen VAE with weights ``vae_params``
-    and latent scale 1 (only the VAE's params are needed)."""
+    and latent scale 1 (shifted by ``latent.shift`` if any; only the VAE's params are
+    needed)."""
     params = {"frozen_vae": vae_params, "frozen_latent_scale": jnp.ones(())}
 
     def encode(images):

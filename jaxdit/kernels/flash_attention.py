@@ -84,7 +84,7 @@ def _fit(block: int, length: int) -> int:
     return min(block, _pow2_at_least(length))
 
 
-def _round_up(n: int, m: int) -> int:
+def round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
@@ -351,8 +351,8 @@ def flash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float | 
     dp = _pow2_at_least(d)
     bq_f, bk_f = _fit(blocks.block_q, s), _fit(blocks.block_k, t)
     bq_b, bk_b = _fit(blocks.block_q_bwd, s), _fit(blocks.block_k_bwd, t)
-    s_pad = _round_up(s, max(bq_f, bq_b))
-    t_pad = _round_up(t, max(bk_f, bk_b))
+    s_pad = round_up(s, max(bq_f, bq_b))
+    t_pad = round_up(t, max(bk_f, bk_b))
     fitted = dataclasses.replace(blocks, block_q=bq_f, block_k=bk_f, block_q_bwd=bq_b,
                                  block_k_bwd=bk_b)
 

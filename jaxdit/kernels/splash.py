@@ -28,14 +28,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxdit.kernels.flash_attention import segment_arrays
+from jaxdit.kernels import flash_attention as pallas_flash
 
 LANES = 128  # Mosaic's lane width: the kernel's block and head-dim granularity
 BLOCK = 512  # largest block tried (MaxText's default splash block on TPU v5)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _block(length: int, largest: int = BLOCK) -> int:
@@ -48,16 +44,11 @@ def _block(length: int, largest: int = BLOCK) -> int:
 
 
 def unsupported_reason(q, k, v) -> str | None:
-    """Why splash cannot run this call, or None if it can."""
-    if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
-        return "expects q (B, S, H, D) and k, v (B, T, Hkv, D) of equal shapes"
-    if q.shape[2] % k.shape[2]:
-        return f"query heads ({q.shape[2]}) must be a multiple of KV heads ({k.shape[2]})"
-    if q.dtype not in (jnp.float32, jnp.bfloat16):
-        return f"dtype {q.dtype} is not supported (float32, bfloat16)"
-    if q.shape[-1] > 256:
-        return f"head dim {q.shape[-1]} > 256 is not supported"
-    return None
+    """Why splash cannot run this call, or None if it can (the Pallas kernel's limits, and
+    no float16)."""
+    if q.dtype == jnp.float16:
+        return "dtype float16 is not supported (float32, bfloat16)"
+    return pallas_flash.unsupported_reason(q, k, v)
 
 
 def _kernel(heads: int, s: int, t: int, interpret: bool):
@@ -87,13 +78,13 @@ def splash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float |
     b, s, h, d = q.shape
     t = k.shape[1]
     scale = d ** -0.5 if scale is None else scale
-    s_pad, t_pad, d_pad = _round_up(s, LANES), _round_up(t, LANES), _round_up(d, LANES)
+    s_pad, t_pad, d_pad = (pallas_flash.round_up(n, LANES) for n in (s, t, d))
 
     def head_major(x, length):
         x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
         return x.transpose(0, 2, 1, 3)
 
-    qseg, kseg = segment_arrays(b, s, t, key_mask, segment_ids)
+    qseg, kseg = pallas_flash.segment_arrays(b, s, t, key_mask, segment_ids)
     qseg = jnp.pad(qseg, ((0, 0), (0, s_pad - s)))
     kseg = jnp.pad(kseg, ((0, 0), (0, t_pad - t)), constant_values=-1)
     kernel, segment_type = _kernel(h, s_pad, t_pad, bool(interpret))

@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from jaxdit.kernels import flash_attention as pallas_flash
 from jaxdit.kernels import splash
 from jaxdit.kernels.reference import xla_attention
-from jaxdit.parallel.mesh import LOGICAL_RULES
+from jaxdit.parallel.mesh import LOGICAL_RULES, logical_mesh_axes
 
 BACKENDS = ("xla", "cudnn", "pallas", "splash", "auto")
 
@@ -127,12 +127,11 @@ def _kernel_attention(impl, q, k, v, key_mask, segment_ids, scale, extras):
 
 
 def _mesh_axes(logical: str, sizes: dict, dims: tuple[int, ...]) -> tuple[str, ...]:
-    """The mesh axes (of more than one device) the ``logical`` axis maps to under the rules
-    in context, as far as their product divides every size in ``dims`` (a prefix)."""
-    spec = nn.logical_to_mesh_axes((logical,), nn.get_logical_axis_rules() or LOGICAL_RULES)[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    """The mesh axes the ``logical`` axis is split over under the rules in context
+    (:func:`~jaxdit.parallel.mesh.logical_mesh_axes`), as far as their product divides
+    every size in ``dims`` (a prefix)."""
     kept = []
-    for a in (a for a in axes if sizes.get(a, 1) > 1):
+    for a in logical_mesh_axes(logical, sizes, nn.get_logical_axis_rules() or LOGICAL_RULES):
         n = math.prod(sizes[b] for b in kept + [a])
         if any(d % n for d in dims):
             break

@@ -140,13 +140,19 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=LOGICAL_RULES) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
-def batch_mesh_axes(axis_sizes: Mapping[str, int], rules=LOGICAL_RULES) -> tuple[str, ...]:
-    """Mesh axes the batch dimension is split over (those of the ``batch`` rule with more
-    than one device), in sharding order. ``axis_sizes``: a mesh's ``shape``, concrete or
-    abstract."""
-    spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
+def logical_mesh_axes(logical: str, axis_sizes: Mapping[str, int],
+                      rules=LOGICAL_RULES) -> tuple[str, ...]:
+    """Mesh axes the ``logical`` axis is split over under ``rules`` (those with more than one
+    device), in sharding order. ``axis_sizes``: a mesh's ``shape``, concrete or abstract."""
+    spec = nn.logical_to_mesh_axes((logical,), rules)[0]
     axes = (spec,) if isinstance(spec, str) else (spec or ())
     return tuple(a for a in axes if axis_sizes.get(a, 1) > 1)
+
+
+def batch_mesh_axes(axis_sizes: Mapping[str, int], rules=LOGICAL_RULES) -> tuple[str, ...]:
+    """Mesh axes the batch dimension is split over (:func:`logical_mesh_axes` of
+    ``batch``)."""
+    return logical_mesh_axes("batch", axis_sizes, rules)
 
 
 def batch_divisor(mesh: Mesh, rules=LOGICAL_RULES) -> int:

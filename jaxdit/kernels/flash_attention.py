@@ -308,9 +308,10 @@ def _check_blocks(blocks: BlockSizes, platform: str) -> None:
                          "Mosaic TPU has none: use fused_bwd=False there.")
 
 
-def segment_arrays(b: int, s: int, t: int, key_mask, segment_ids):
-    """Query and key segment ids (B, S), (B, T) int32 with masked keys set to -1 (the one
-    masking mechanism of the kernels). User segment ids must be >= 0."""
+def padded_segments(b: int, s: int, t: int, s_pad: int, t_pad: int, key_mask, segment_ids):
+    """Query and key segment ids (B, s_pad), (B, t_pad) int32 with masked keys set to -1
+    (the one masking mechanism of the kernels): padded queries get segment 0 (their output
+    is dropped), padded keys -1. User segment ids must be >= 0."""
     if segment_ids is None:
         qseg, kseg = jnp.zeros((b, s), jnp.int32), jnp.zeros((b, t), jnp.int32)
     else:
@@ -320,7 +321,15 @@ def segment_arrays(b: int, s: int, t: int, key_mask, segment_ids):
                              f"{(b, t)}.")
     if key_mask is not None:
         kseg = jnp.where(key_mask.astype(bool), kseg, -1)
-    return qseg, kseg
+    return (jnp.pad(qseg, ((0, 0), (0, s_pad - s))),
+            jnp.pad(kseg, ((0, 0), (0, t_pad - t)), constant_values=-1))
+
+
+def head_major(x, length: int, head_dim: int):
+    """``x`` (B, L, H, D) zero-padded to (B, length, H, head_dim) and laid out head-major
+    (B, H, length, head_dim), as the kernels read it."""
+    x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, head_dim - x.shape[3])))
+    return x.transpose(0, 2, 1, 3)
 
 
 def flash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float | None = None,
@@ -356,13 +365,8 @@ def flash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float | 
     fitted = dataclasses.replace(blocks, block_q=bq_f, block_k=bk_f, block_q_bwd=bq_b,
                                  block_k_bwd=bk_b)
 
-    def head_major(x, length):
-        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, dp - d)))
-        return x.transpose(0, 2, 1, 3)
-
-    qseg, kseg = segment_arrays(b, s, t, key_mask, segment_ids)
-    qseg = jnp.pad(qseg, ((0, 0), (0, s_pad - s)))[:, :, None]
-    kseg = jnp.pad(kseg, ((0, 0), (0, t_pad - t)), constant_values=-1)[:, None, :]
-    out = _flash_core(head_major(q, s_pad), head_major(k, t_pad), head_major(v, t_pad), qseg,
-                      kseg, float(scale), fitted, (platform, bool(interpret)))
+    qseg, kseg = padded_segments(b, s, t, s_pad, t_pad, key_mask, segment_ids)
+    out = _flash_core(head_major(q, s_pad, dp), head_major(k, t_pad, dp),
+                      head_major(v, t_pad, dp), qseg[:, :, None], kseg[:, None, :],
+                      float(scale), fitted, (platform, bool(interpret)))
     return out.transpose(0, 2, 1, 3)[:, :s, :, :d]

@@ -79,16 +79,10 @@ def splash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float |
     t = k.shape[1]
     scale = d ** -0.5 if scale is None else scale
     s_pad, t_pad, d_pad = (pallas_flash.round_up(n, LANES) for n in (s, t, d))
-
-    def head_major(x, length):
-        x = jnp.pad(x, ((0, 0), (0, length - x.shape[1]), (0, 0), (0, d_pad - d)))
-        return x.transpose(0, 2, 1, 3)
-
-    qseg, kseg = pallas_flash.segment_arrays(b, s, t, key_mask, segment_ids)
-    qseg = jnp.pad(qseg, ((0, 0), (0, s_pad - s)))
-    kseg = jnp.pad(kseg, ((0, 0), (0, t_pad - t)), constant_values=-1)
+    qseg, kseg = pallas_flash.padded_segments(b, s, t, s_pad, t_pad, key_mask, segment_ids)
     kernel, segment_type = _kernel(h, s_pad, t_pad, bool(interpret))
-    qh = head_major(q * jnp.asarray(scale, q.dtype), s_pad)
-    out = jax.vmap(kernel)(qh, head_major(k, t_pad), head_major(v, t_pad),
+    pad = pallas_flash.head_major
+    out = jax.vmap(kernel)(pad(q * jnp.asarray(scale, q.dtype), s_pad, d_pad),
+                           pad(k, t_pad, d_pad), pad(v, t_pad, d_pad),
                            segment_ids=segment_type(qseg, kseg))
     return out.transpose(0, 2, 1, 3)[:, :s, :, :d].astype(q.dtype)

@@ -42,11 +42,10 @@ def check_length(ids, max_positions: int):
 
 def encoder_attn_impl(impl: str, softcap: float = 0.0) -> str:
     """The attention backend of an encoder whose attention is causal, biased or soft-capped:
-    the Pallas kernels take none of these, so a model configured for them runs its text
-    encoder through ``auto``; soft-capping runs on ``xla`` only."""
-    if softcap:
-        return "xla"
-    return "auto" if impl in ("pallas", "splash") else impl
+    the Pallas kernels take none of these and cuDNN no soft-capping, so a model configured
+    for them runs its text encoder through ``auto``, which picks a backend that can."""
+    kernels = ("pallas", "splash", "cudnn") if softcap else ("pallas", "splash")
+    return "auto" if impl in kernels else impl
 
 
 def embed_table(num: int, width: int, name: str, std: float = 0.02, **kw) -> nn.Embed:

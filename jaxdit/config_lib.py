@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
         tfds_train_split="train", tfds_val_split="test", tfds_label_key="label",
         tfds_caption_key="", extra_vocab="", system_prompt="", sample_system_prompt="",
         # Variable resolution (Lumina): images go to the nearest aspect-ratio bucket with at
-        # most (image_size / patch)^2 patches and are packed as padded patch sequences.
+        # most (image_size / patch)^2 patches and are packed as padded patch sequences
+        # (in latent space: packed by tools/cache_features.py, data.source="cached").
         aspect_buckets=False, bucket_max_ratio=2.0, bucket_filter="",
         # data.source="cached": folders written by tools/cache_features.py (latents and
         # text features); the text/latent settings are then taken from the cache.

@@ -40,6 +40,31 @@ def test_pack_unpack_round_trip():
         buckets.pack_patches(img, 2, 20)
 
 
+def test_pooling_packed_images_equals_pooling_each_image():
+    """The multi-resolution branch on packed buckets: per-image average pooling (PyTorch's
+    floor on uneven sides, as the official 2000-px buckets need), cut to whole patches and
+    repacked, equals packing each image pooled alone."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    from jaxdit.diffusion import flow  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(0)
+    sizes = [(64, 16), (16, 64), (32, 32), (40, 24), (20, 50), (44, 22)]
+    images = [rng.normal(size=hw + (3,)).astype(np.float32) for hw in sizes]
+    packs = [buckets.pack_patches(im, 2, 256) for im in images]
+    tokens, pos, mask = (jnp.asarray(np.stack([q[k] for q in packs]))
+                         for k in ("image", "patch_pos", "patch_mask"))
+    low, low_pos, low_mask = flow.avg_pool_packed(tokens, pos, mask, 2, 4)
+    assert low.shape == (6, 16, 12)
+    for i, im in enumerate(images):
+        pooled = np.asarray(flow.avg_pool(jnp.asarray(im)[None], 4))[0]
+        h, w = pooled.shape[0] // 2 * 2, pooled.shape[1] // 2 * 2  # whole patches
+        want = buckets.pack_patches(pooled[:h, :w], 2, 16)
+        np.testing.assert_allclose(low[i], want["image"], atol=1e-6)
+        np.testing.assert_array_equal(low_pos[i], want["patch_pos"])
+        np.testing.assert_array_equal(low_mask[i], want["patch_mask"])
+    # (44, 22) pools to 11 x 5 (floor), cut to 10 x 4: 5 x 2 patches
+    assert int(low_mask[5].sum()) == 10
+
+
 def _bucket_config(**data):
     cfg = tiny_config("lumina", "tiny", batch_size=8)
     cfg.diffusion.multires_pool = 0
@@ -92,6 +117,8 @@ def test_bucket_config_errors():
     with pytest.raises(ConfigError, match="only model.family='lumina'"):
         Experiment(cfg)
     cfg = _bucket_config()
-    cfg.diffusion.multires_pool = 2
-    with pytest.raises(ConfigError, match="multires_pool"):
+    cfg.diffusion.multires_pool = 4  # the 5x10-patch bucket pools to 1x2 patches of 4 px
+    Experiment(cfg)
+    cfg.diffusion.multires_pool = 8  # ... and to none
+    with pytest.raises(ConfigError, match=r"multires_pool=8: patch grids \[\(5, 10\)"):
         Experiment(cfg)

@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from jaxdit import config_lib
+from jaxdit.data.pipeline import make_dataset
 from jaxdit.models import text as text_lib
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_sharding, logical_to_sharding, make_mesh
 from jaxdit.train.loop import Experiment
@@ -31,7 +32,7 @@ MESHES = {"1dev": {"data": 1}, "data8": {"data": 8},
           "dp2_ep4": {"data": 2, "expert": 4}}
 
 
-def _grads(family, arg, mesh_name, edit=None):
+def _grads(family, arg, mesh_name, edit=None, make_batch=fixed_batch):
     cfg = tiny_config(family, arg)
     if edit:
         edit(cfg)
@@ -40,7 +41,7 @@ def _grads(family, arg, mesh_name, edit=None):
     exp = Experiment(cfg, devices)
     with exp.context():
         state = exp.create_state()
-        batch = exp.to_global({k: np.asarray(v) for k, v in fixed_batch(cfg).items()})
+        batch = exp.to_global({k: np.asarray(v) for k, v in make_batch(cfg).items()})
         base = functools.partial(loss_fn, model=exp.model, autoencoder=exp.autoencoder, cfg=cfg)
 
         def fn(params, *args):  # non-zero gates, so every block contributes
@@ -120,6 +121,30 @@ def test_training_modes_match_across_meshes(edit):
     assert np.isfinite(ref_loss)
     loss, grads, sharded = _grads("dit_air", "tiny", "dp2_fsdp2_tp2", edit)
     assert sharded
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
+                 grads, ref_grads)
+
+
+def _packed_buckets(cfg):
+    """Lumina's variable resolution: aspect-bucket packed patches plus the pooled loss."""
+    cfg.data.update(image_size=32, aspect_buckets=True, bucket_max_ratio=2.0)
+    cfg.diffusion.multires_pool = 2
+
+
+def _pipeline_batch(cfg):
+    batch = next(iter(make_dataset(cfg, "train", 8)))
+    assert batch["image"].ndim == 3 and len(set(batch["patch_mask"].sum(1).tolist())) > 1
+    return batch
+
+
+def test_packed_aspect_buckets_match_across_meshes():
+    """A batch mixing aspect buckets (packed patch sequences, per-image pooling for the
+    multi-resolution branch): 1 device == data x fsdp x tensor."""
+    ref_loss, ref_grads, _ = _grads("lumina", "tiny", "1dev", _packed_buckets, _pipeline_batch)
+    loss, grads, sharded = _grads("lumina", "tiny", "dp2_fsdp2_tp2", _packed_buckets,
+                                  _pipeline_batch)
+    assert sharded and np.isfinite(ref_loss)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6),
                  grads, ref_grads)

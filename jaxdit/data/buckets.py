@@ -6,6 +6,8 @@ buckets hold at most ``num_patches`` patches. Each example is then cut into patc
 padded to ``num_patches`` tokens with ``patch_pos`` (row, col) and ``patch_mask``, so a batch
 mixing e.g. 48x24, 32x32 and 24x48 images has one static shape: one compiled train step
 serves every bucket, and the model masks the padding (:class:`jaxdit.models.lumina.Lumina`).
+In latent space the same packing is applied to each image's latent, encoded at its bucket
+size, by ``tools/cache_features.py``.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ from PIL import Image
 
 # Pure reshapes/transposes: on numpy inputs they stay numpy (no device work in data workers).
 from jaxdit.models.layers import patchify, unpatchify
-
 
 
 def official_side_filter(side_px: int) -> bool:

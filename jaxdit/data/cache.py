@@ -9,6 +9,10 @@ A cache is a folder of ``.npy`` arrays with one row per example, memory-mapped w
 * ``label`` (N,) int32, and ``captions.txt`` (one caption per line, for sample grids);
   a cache for a class-conditional model (``text.kind='none'``) has no text arrays
   (``meta["text"]`` is null);
+* with ``data.aspect_buckets`` (``meta["packed"]``): each image was encoded at the size of
+  its aspect-ratio bucket and ``latent`` holds its packed patches (N, T, p*p*c), with
+  ``patch_pos`` (N, T, 2) int32 and ``patch_mask`` (N, T) bool
+  (:func:`jaxdit.data.buckets.pack_patches`);
 * ``meta.json``: counts, shapes and what produced them (config of the encoder, source).
 
 Writing goes to ``<dir>.partial`` and is renamed into place at the end, so an interrupted
@@ -25,14 +29,17 @@ from pathlib import Path
 import numpy as np
 
 ARRAYS = {"latent": np.float32, "text_tokens": np.float16, "text_mask": np.bool_,
-          "text_pooled": np.float32, "label": np.int32}
+          "text_pooled": np.float32, "label": np.int32, "patch_pos": np.int32,
+          "patch_mask": np.bool_}
 TEXT_ARRAYS = ("text_tokens", "text_mask", "text_pooled")
+PACKED_ARRAYS = ("patch_pos", "patch_mask")
 
 
 def array_names(meta: dict) -> list[str]:
-    """The arrays a cache holds: all of :data:`ARRAYS`, without the text ones when it was
-    written for a class-conditional model."""
-    return [k for k in ARRAYS if meta.get("text") is not None or k not in TEXT_ARRAYS]
+    """The arrays a cache holds: :data:`ARRAYS` without the text ones when it was written
+    for a class-conditional model, and without the packing ones unless it is packed."""
+    return [k for k in ARRAYS if (meta.get("text") is not None or k not in TEXT_ARRAYS)
+            and (meta.get("packed") or k not in PACKED_ARRAYS)]
 
 
 class CacheError(ValueError):
@@ -40,7 +47,8 @@ class CacheError(ValueError):
 
 
 class CacheWriter:
-    """Writes ``num`` examples batch by batch into ``out_dir`` (see the module docstring)."""
+    """Writes ``num`` examples into ``out_dir`` (see the module docstring), in any order:
+    :meth:`put` fills given rows (e.g. one aspect bucket at a time)."""
 
     def __init__(self, out_dir: str, num: int, shapes: dict[str, tuple], meta: dict):
         self.final = Path(out_dir)
@@ -48,26 +56,31 @@ class CacheWriter:
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.tmp.mkdir(parents=True)
-        self.num, self.meta, self.pos = num, meta, 0
+        self.num, self.meta = num, meta
         self.arrays = {k: np.lib.format.open_memmap(self.tmp / f"{k}.npy", mode="w+",
                                                     dtype=ARRAYS[k], shape=(num,) + shapes[k])
                        for k in array_names(meta)}
-        self.captions: list[str] = []
+        self.captions: list[str | None] = [None] * num
+        self.written = np.zeros(num, bool)
 
-    def add(self, batch: dict, captions: list[str]) -> None:
-        n = min(len(captions), self.num - self.pos)
+    def put(self, rows, batch: dict, captions: list[str]) -> None:
+        """Rows ``rows`` (indices) get ``batch[k][:len(rows)]`` and ``captions``."""
+        rows = np.asarray(rows, np.int64)
+        n = len(rows)
         for k, a in self.arrays.items():
-            a[self.pos:self.pos + n] = np.asarray(batch[k][:n]).astype(a.dtype)
-        self.captions += [c.replace("\n", " ") for c in captions[:n]]
-        self.pos += n
+            a[rows] = np.asarray(batch[k][:n]).astype(a.dtype)
+        for r, c in zip(rows, captions):
+            self.captions[r] = c.replace("\n", " ")
+        self.written[rows] = True
 
     @property
     def full(self) -> bool:
-        return self.pos >= self.num
+        return bool(self.written.all())
 
     def close(self) -> Path:
         if not self.full:
-            raise CacheError(f"Only {self.pos} of {self.num} examples were written.")
+            raise CacheError(f"Only {int(self.written.sum())} of {self.num} examples were "
+                             "written.")
         for a in self.arrays.values():
             a.flush()
         del self.arrays
@@ -134,20 +147,25 @@ def cached_example(record: dict) -> dict:
         out.update(text_tokens=record["text_tokens"].astype(np.float32),
                    text_mask=record["text_mask"].astype(bool),
                    text_pooled=record["text_pooled"].astype(np.float32))
+    if "patch_pos" in record:
+        out.update(patch_pos=record["patch_pos"].astype(np.int32),
+                   patch_mask=record["patch_mask"].astype(bool))
     return out
 
 
 def configure_from_cache(config) -> dict:
     """Sets what the cache fixes (``text.kind='precomputed'``, text width and length, the
-    latent autoencoder and the pixel ``data.image_size``) from ``data.cache_dir``'s
-    ``meta.json``; returns the meta. A validation cache must have the same shapes."""
+    latent autoencoder, the pixel ``data.image_size`` and, for a packed cache, the aspect
+    buckets) from ``data.cache_dir``'s ``meta.json``; returns the meta. A validation cache
+    must have the same shapes."""
     meta = read_meta(config.data.cache_dir)
     if config.data.val_cache_dir:
         val = read_meta(config.data.val_cache_dir)
-        for key in ("image_size", "latent", "text"):
-            if val[key] != meta[key]:
+        for key in ("image_size", "latent", "text", "packed"):
+            if val.get(key) != meta.get(key):
                 raise CacheError(f"data.val_cache_dir differs from data.cache_dir in {key}: "
-                                 f"{val[key]} != {meta[key]}.")
+                                 f"{val.get(key)} != {meta.get(key)}.")
+    configure_packing(config, meta)
     if meta["text"] is None:  # latents and labels only
         if config.text.kind != "none":
             raise CacheError(f"{config.data.cache_dir} holds no text features (written for a "
@@ -158,3 +176,21 @@ def configure_from_cache(config) -> dict:
     config.latent.update(**meta["latent"])
     config.data.image_size = meta["image_size"]
     return meta
+
+
+def configure_packing(config, meta: dict) -> None:
+    """A packed cache turns ``data.aspect_buckets`` on with the buckets it was written with;
+    its patch size must be the model's. An unpacked cache refuses ``data.aspect_buckets``."""
+    packed = meta.get("packed")
+    if not packed:
+        if config.data.aspect_buckets:
+            raise CacheError(f"{config.data.cache_dir} holds whole images, not aspect-bucket "
+                             "packed latents: write it with data.aspect_buckets=True or turn "
+                             "data.aspect_buckets off.")
+        return
+    if packed["patch"] != config.model.patch_size:
+        raise CacheError(f"{config.data.cache_dir} is packed in patches of {packed['patch']}, "
+                         f"but model.patch_size={config.model.patch_size}: write it again "
+                         "with the model's patch size.")
+    config.data.update(aspect_buckets=True, bucket_max_ratio=packed["bucket_max_ratio"],
+                       bucket_filter=packed["bucket_filter"])

@@ -2,8 +2,9 @@
 
 Batches are dicts of numpy arrays: ``image`` float32 (B, S, S, 3) in [-1, 1], ``text_ids``
 int32 (B, L), ``text_mask`` bool (B, L), ``label`` int32 (B,). With ``data.aspect_buckets``
-(pixel space only) ``image`` is instead packed patches (B, N, p*p*3) with ``patch_pos``
-(B, N, 2) and ``patch_mask`` (B, N), see :mod:`jaxdit.data.buckets`. The iterator is a Grain
+``image`` is instead packed patches (B, N, p*p*C) with ``patch_pos`` (B, N, 2) and
+``patch_mask`` (B, N), see :mod:`jaxdit.data.buckets`: pixels packed here, or latents packed
+by ``tools/cache_features.py`` (``data.source='cached'``). The iterator is a Grain
 ``DatasetIterator`` whose state is saved in every checkpoint, so resuming continues with
 exactly the batch the interrupted run would have seen next.
 """
@@ -110,6 +111,6 @@ def make_dataset(config, split: str, batch_size: int, *, process_index: int = 0,
     else:
         ds = ds.map(Preprocess(make_tokenizer(config), config.text.max_len,
                                config.data.system_prompt))
-    if sizes:
+    if sizes and config.data.source != "cached":  # a packed cache is packed already
         ds = ds.map(buckets.PackPatches(config.model.patch_size, packed_tokens(config)))
     return ds.to_iter_dataset().batch(batch_size, drop_remainder=True)

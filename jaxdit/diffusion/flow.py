@@ -43,11 +43,61 @@ def resolution_shift(num_tokens: int, low=(256, 0.5), high=(4096, 1.15)) -> floa
 
 
 def avg_pool(x, factor: int):
-    """Average-pools latents ``(B, H, W, C)`` by ``factor`` in both spatial axes."""
+    """Average-pools latents ``(B, H, W, C)`` by ``factor`` in both spatial axes; as
+    PyTorch's ``avg_pool2d`` (Lumina's multi-resolution branch), rows and columns past a
+    multiple of ``factor`` are dropped."""
     b, h, w, c = x.shape
-    if h % factor or w % factor:
-        raise ValueError(f"Latent size {(h, w)} is not divisible by the pool factor {factor}.")
-    return x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+    hf, wf = h // factor, w // factor
+    if not hf or not wf:
+        raise ValueError(f"Latent size {(h, w)} is smaller than the pool factor {factor}.")
+    x = x[:, :hf * factor, :wf * factor]
+    return x.reshape(b, hf, factor, wf, factor, c).mean(axis=(2, 4))
+
+
+def pooled_grid(size, patch: int, factor: int):
+    """Patch-grid side after pooling a ``size``-patch side by ``factor``: the pooled latent
+    (``size * patch // factor`` pixels) cut to whole patches."""
+    return (size * patch // factor) // patch
+
+
+def avg_pool_packed(tokens, pos, mask, patch: int, factor: int):
+    """:func:`avg_pool` of each image of a packed batch, cut to whole patches and repacked
+    in the layout of :func:`jaxdit.data.buckets.pack_patches`.
+
+    Args:
+      tokens: ``(B, N, p*p*C)`` row-major patches of images of different sizes, padded.
+      pos: ``(B, N, 2)`` int (row, col) patch positions; mask: ``(B, N)`` bool valid tokens.
+      patch: ``p``; factor: pool factor ``f``.
+    Returns:
+      ``(tokens (B, N // f^2, p*p*C), pos, mask)`` of the pooled images; an image of
+      ``h x w`` patches pools to :func:`pooled_grid` ``(h) x (w)`` patches.
+    """
+    b, n, feat = tokens.shape
+    c = feat // (patch * patch)
+    n_out = n // (factor * factor)
+    mask = mask.astype(bool)
+    rows, cols = pos[..., 0].astype(jnp.int32), pos[..., 1].astype(jnp.int32)
+    grid_h = pooled_grid(jnp.max(jnp.where(mask, rows + 1, 0), axis=1), patch, factor)
+    grid_w = pooled_grid(jnp.max(jnp.where(mask, cols + 1, 0), axis=1), patch, factor)
+    # Latent pixel (r*p + i, c*p + j) of every token -> its pooled pixel (y, x).
+    sub = jnp.arange(patch)
+    y = ((rows[..., None] * patch + sub) // factor)[..., :, None]  # (B, N, p, 1): rows i
+    x = ((cols[..., None] * patch + sub) // factor)[..., None, :]  # (B, N, 1, p): cols j
+    inside = (mask[..., None, None] & (y < (grid_h * patch)[:, None, None, None])
+              & (x < (grid_w * patch)[:, None, None, None]))
+    index = (y // patch) * grid_w[:, None, None, None] + x // patch  # pooled token
+    index = jnp.where(inside, index, n_out)  # padding and cut-off pixels -> a dropped slot
+    where = (index * patch + y % patch) * patch + x % patch
+    pooled = jnp.zeros((b, (n_out + 1) * patch * patch, c), jnp.float32)
+    pooled = pooled.at[jnp.arange(b)[:, None], where.reshape(b, -1)].add(
+        tokens.reshape(b, n * patch * patch, c).astype(jnp.float32))
+    pooled = pooled[:, :n_out * patch * patch] / (factor * factor)
+    k = jnp.arange(n_out)
+    width = jnp.maximum(grid_w, 1)[:, None]
+    out_mask = k[None] < (grid_h * grid_w)[:, None]
+    out_pos = jnp.where(out_mask[..., None], jnp.stack([k // width, k % width], -1), 0)
+    return (pooled.reshape(b, n_out, feat).astype(tokens.dtype), out_pos.astype(jnp.int32),
+            out_mask)
 
 
 def sample_t(rng, batch: int, *, kind: str = "logit_normal", mean: float = 0.0,

@@ -25,7 +25,8 @@ from jaxdit.config_lib import ConfigError
 from jaxdit.data import prompts, shapes
 from jaxdit.data.cache import CachedSource, cached_example, configure_from_cache
 from jaxdit.data.grains import resolve_threshold
-from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
+from jaxdit.data.pipeline import bucket_sizes, make_dataset, make_source, make_tokenizer
+from jaxdit.diffusion.flow import pooled_grid
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
 from jaxdit.models.dvae import fine_downsample, region_size
@@ -111,15 +112,29 @@ def validate_config(config, mesh) -> None:
         if config.model.family != "lumina":
             raise ConfigError("data.aspect_buckets packs patches, which only model.family="
                               f"'lumina' accepts (got {config.model.family!r}).")
-        if config.latent.kind != "identity":
-            raise ConfigError("data.aspect_buckets packs pixel patches; with a latent "
-                              "autoencoder train on precomputed, packed latents instead.")
-        if config.diffusion.multires_pool:
-            raise ConfigError("diffusion.multires_pool needs whole images; turn it off with "
-                              "data.aspect_buckets.")
+        if config.latent.kind != "identity" and config.data.source != "cached":
+            raise ConfigError("data.aspect_buckets with a latent autoencoder trains on packed "
+                              "latents cached by tools/cache_features.py (run it with the "
+                              "same data.aspect_buckets settings): set data.source='cached'.")
+    check_multires_pool(config)
     if not 0.0 <= config.data.caption_dropout < 1.0:
         raise ConfigError(f"data.caption_dropout must be in [0, 1), got "
                           f"{config.data.caption_dropout}.")
+
+
+def check_multires_pool(config) -> None:
+    """Every image (each aspect bucket) must keep at least one patch after pooling."""
+    pool = config.diffusion.multires_pool
+    if not pool:
+        return
+    p, f = config.model.patch_size, config.latent.downsample
+    side = config.data.image_size // (p * f)
+    grids = ([(h // (p * f), w // (p * f)) for h, w in bucket_sizes(config)]
+             if config.data.aspect_buckets else [(side, side)])
+    small = [g for g in grids if min(pooled_grid(n, p, pool) for n in g) < 1]
+    if small:
+        raise ConfigError(f"diffusion.multires_pool={pool}: patch grids {small} pool to no "
+                          f"whole patch of {p}; use a smaller pool factor or larger images.")
 
 
 def example_inputs(config, batch: int = 1):

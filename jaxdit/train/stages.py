@@ -84,9 +84,12 @@ def configure_latent_vae(config) -> None:
 
 def latent_scale(encode, config, num_images: int) -> float:
     """1 / std of ``encode(images)`` (unscaled latents) over the first ``num_images``
-    training images of ``config.data``, as the pipeline feeds them."""
+    training images of ``config.data``, as the pipeline feeds them (whole square images,
+    also when training packs aspect buckets)."""
     n = max(1, min(int(num_images), len(make_source(config.data, "train"))))
-    images = next(iter(make_dataset(config, "train", n, repeat=False)))["image"]
+    square = config.copy_and_resolve_references()
+    square.data.aspect_buckets = False
+    images = next(iter(make_dataset(square, "train", n, repeat=False)))["image"]
     return 1.0 / max(float(jnp.std(encode(jnp.asarray(images)))), 1e-6)
 
 

@@ -54,6 +54,21 @@ def train_shift(cfg, x0) -> float:
     return flow.resolution_shift(tokens)
 
 
+def pooled_branch_inputs(x0, cond, factor: int, patch_size: int):
+    """Latents average-pooled by ``factor`` (cut to whole patches) for the
+    multi-resolution branch, and their condition: whole images ``(B, H, W, C)`` pool
+    directly; packed patches ``(B, N, F)`` pool image by image and carry the pooled images'
+    ``patch_pos`` / ``patch_mask`` (:func:`jaxdit.diffusion.flow.avg_pool_packed`)."""
+    if x0.ndim == 4:
+        low = flow.avg_pool(x0, factor)
+        h, w = (flow.pooled_grid(n // patch_size, patch_size, factor) * patch_size
+                for n in x0.shape[1:3])
+        return low[:, :h, :w], cond
+    tokens, pos, mask = flow.avg_pool_packed(x0, cond["patch_pos"], cond["patch_mask"],
+                                             patch_size, factor)
+    return tokens, {**cond, "patch_pos": pos, "patch_mask": mask}
+
+
 def diffusion_branch(model, variables, x0, cond, rng, cfg, shift: float):
     """One flow-matching forward: draws ``t`` and noise, returns ``(per-sample loss (B,),
     t, noise, mutated collections)``."""
@@ -95,11 +110,8 @@ def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
     metrics = {"t_mean": t.mean(), "diffusion_loss": loss}
     pool = cfg.diffusion.get("multires_pool", 0)
     if pool:
-        if x0.ndim != 4:
-            raise ValueError("diffusion.multires_pool needs (B, H, W, C) latents, not packed "
-                             "patches.")
-        low, *_ = diffusion_branch(model, variables, flow.avg_pool(x0, pool), cond, k_low, cfg,
-                                   shift)
+        low_x0, low_cond = pooled_branch_inputs(x0, cond, pool, cfg.model.patch_size)
+        low, *_ = diffusion_branch(model, variables, low_x0, low_cond, k_low, cfg, shift)
         metrics["multires_loss"] = low.mean()
         loss = loss + cfg.diffusion.multires_weight * low.mean()
     if out.get("deep_pred"):

@@ -38,10 +38,10 @@ def test_train_then_sample_from_checkpoint(tmp_path):
     png = str(tmp_path / "grid.png")
     out = _run(["jaxdit.sample", "--workdir", wd, "--prompt", "a red circle",
                 "--prompt", "a blue square above a green triangle", "--out", png,
-                "--num_per_prompt", "3", "--num_steps", "2"], tmp_path)
+                "--num_per_prompt", "3", "--num_steps", "2", "--width", "48"], tmp_path)
     assert "from checkpoint step 3" in out
     img = Image.open(png)
-    assert img.size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # 3 columns x 2 rows of 32x32 + padding
+    assert img.size == (3 * 48 + 4 * 2, 2 * 32 + 3 * 2)  # 3 columns x 2 rows of 32x48 + padding
 
     # `python -m jaxdit.eval`'s work, in process: validation loss + alignment of samples
     from jaxdit.cli.eval import evaluate_step  # pylint: disable=import-outside-toplevel

@@ -3,6 +3,7 @@
 Loads the config saved in the checkpoint and the EMA weights of the latest (or ``--step``)
 checkpoint, and writes a grid with ``--num_per_prompt`` samples per prompt (one row each).
 Class-conditional models (Race-DiT) take ``--label 3 --label 7`` instead of prompts.
+``--height`` / ``--width`` sample another size or aspect ratio than the training one.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxdit.diffusion.samplers import SAMPLERS
-from jaxdit.eval.sampling import save_grid, write_captions
+from jaxdit.eval.sampling import make_sample_fn, save_grid, write_captions
 from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.loop import Experiment, sample_condition, state_variables
 
@@ -31,7 +32,28 @@ flags.DEFINE_integer("num_steps", None, "Override sampler.num_steps.")
 flags.DEFINE_enum("method", None, list(SAMPLERS), "Override sampler.method.")
 flags.DEFINE_bool("sde", None, "Override sampler.sde.")
 flags.DEFINE_bool("ema", True, "Use the EMA weights (default) or the raw parameters.")
+flags.DEFINE_integer("height", None, "Sample height in pixels (default data.image_size).")
+flags.DEFINE_integer("width", None, "Sample width in pixels (default data.image_size). "
+                     "Denoisers with 2D RoPE / M-RoPE or sin-cos positions (and MMDiT "
+                     "within its position table) sample any multiple of patch x latent "
+                     "downsampling; D2iT and autoencoders only their training size.")
 flags.mark_flags_as_required(["workdir"])
+
+
+def sample_fn_for_size(exp, config, height: int | None, width: int | None):
+    """The experiment's sampler at ``height x width`` pixels (default: the training size)."""
+    size = config.data.image_size
+    h, w = height or size, width or size
+    if (h, w) == (size, size):
+        return exp.sample_fn
+    if config.train.objective in ("autoencoder", "d2it"):
+        raise app.UsageError(f"{config.model.family} samples only at its training size "
+                             f"{size}x{size} (learned positions / fixed grain grid).")
+    unit = config.model.patch_size * config.latent.downsample
+    if h % unit or w % unit or h <= 0 or w <= 0:
+        raise app.UsageError(f"--height/--width must be positive multiples of model.patch_size "
+                             f"x latent.downsample = {unit}, got {h}x{w}.")
+    return make_sample_fn(exp.model, exp.autoencoder, config, (h, w, 3))
 
 
 def main(argv):
@@ -58,7 +80,8 @@ def main(argv):
         config.sampler.num_samples = len(repeated)
         captions, cond = (sample_condition(exp, labels=repeated) if class_cond
                           else sample_condition(exp, captions=repeated))
-        images = exp.sample_fn(state_variables(state, ema=FLAGS.ema),
+        sample_fn = sample_fn_for_size(exp, config, FLAGS.height, FLAGS.width)
+        images = sample_fn(state_variables(state, ema=FLAGS.ema),
                            {k: jnp.asarray(v) for k, v in cond.items()},
                            jax.random.PRNGKey(FLAGS.seed))
     path = save_grid(np.asarray(images), FLAGS.out, cols=FLAGS.num_per_prompt)

@@ -47,6 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
         share="none", adaln="per_layer", qk_norm=True, sandwich=True, adaln_layer_offset=True,
         pos_embed_max_size=144, text_hidden_ratio=4.0, attn_impl="xla", remat="none",
         dtype="float32", param_dtype="float32", num_classes=0,
+        # PixArt-alpha / MMDiT: "dit_air" (the DiT-Air paper's variants) or "original" (as
+        # published: diffusers PixArtTransformer2DModel / SD3Transformer2DModel weights);
+        # PixArt-alpha's sin-cos position scaling and size micro-conditions (pixels per
+        # latent cell, 0 = off).
+        layout="dit_air", pos_base_size=0, pos_interpolation=1.0, size_conditioning=0,
         # Lumina-Image 2.0 only: KV heads (0 = num_heads), M-RoPE channels per axis.
         num_kv_heads=0, axes_dims=(0, 0, 0), num_refiner_layers=2, ffn_multiple_of=256))
     # Mixture of experts replacing the MLPs (Race-DiT); num_experts=0 keeps dense MLPs.
@@ -61,7 +66,10 @@ def base_config() -> ml_collections.ConfigDict:
         # text.kind="pretrained": a local encoder folder (or "minilm"), which hidden states
         # to use (0 = embeddings, -1 = last; several are concatenated and projected) and the
         # projection width (0 = the encoder's width).
-        path="", layers=(-1,), proj_width=0))
+        path="", layers=(-1,), proj_width=0,
+        # Width of precomputed text_pooled features when it differs from text.width (e.g.
+        # SD3: pooled CLIP-L+G 2048 beside T5 tokens 4096); 0 = text.width.
+        pooled_width=0))
     # latent.kind: "identity" (pixels), "kl_vae" (a trained KL-VAE run or a diffusers
     # AutoencoderKL folder in vae_workdir, held frozen in the model; latents are
     # (z - shift) * scale, scale 0 = 1 / their std on scale_images training images, shift
@@ -117,6 +125,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(
         t_grid=(0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)))
     return c
+
+
+def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` plus every field of :func:`base_config` it lacks (recursively; present
+    fields are kept): a config saved by an older jaxdit gains the fields added since, with
+    their defaults."""
+    def fill(cfg, defaults):
+        for key, value in defaults.items():
+            if key not in cfg:
+                cfg[key] = value
+            elif isinstance(value, ml_collections.ConfigDict) and isinstance(
+                    cfg[key], ml_collections.ConfigDict):
+                fill(cfg[key], value)
+    fill(config, base_config())
+    return config
 
 
 def apply_model_overrides(config, overrides: dict):

@@ -71,9 +71,14 @@ MOE_VARIANTS = [("race_dit", "tiny-4in16"), ("race_dit", "tiny-2in8,routing=bl_c
 D2IT_VARIANTS = [("d2it", "tiny"), ("dvae", "dvae-tiny"), ("kl_vae", "tiny-4ch")]
 MESHES_FOR["dvae-tiny"] = ("data8",)  # replicated weights: only the batch split differs
 MESHES_FOR["tiny-4ch"] = ("data8",)
+# PixArt-alpha and SD3's MMDiT as published (diffusers-convertible layouts).
+LAYOUT_VARIANTS = [("pixart", "tiny,layout=original,qk_norm=False,sandwich=False"),
+                   ("mmdit", "tiny,layout=original,sandwich=False,text_hidden_ratio=0")]
+for _, _arg in LAYOUT_VARIANTS:
+    MESHES_FOR[_arg] = ("dp2_fsdp2_tp2",)
 
 
-@pytest.mark.parametrize("family,arg", VARIANTS + MOE_VARIANTS + D2IT_VARIANTS)
+@pytest.mark.parametrize("family,arg", VARIANTS + MOE_VARIANTS + D2IT_VARIANTS + LAYOUT_VARIANTS)
 def test_loss_and_grads_match_across_meshes(family, arg):
     ref_loss, ref_grads, _ = _grads(family, arg, "1dev")
     assert np.isfinite(ref_loss)

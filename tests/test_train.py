@@ -185,3 +185,15 @@ def test_config_argument_parsing():
         config_lib.air_family_config("dit_air", "tiny,sharing=full")
     with pytest.raises(ValueError, match="key=value"):
         config_lib.air_family_config("dit_air", "tiny,full")
+
+
+def test_a_config_saved_by_an_older_version_gains_the_new_fields():
+    """Checkpoints restore their saved config verbatim; fields added to jaxdit since then
+    come in with their defaults, and what was saved is kept."""
+    import ml_collections  # pylint: disable=import-outside-toplevel
+    saved = json.loads(config_lib.vae_config("tiny-4ch").to_json_best_effort())
+    del saved["model"]["layout"], saved["text"]["pooled_width"]
+    saved["model"]["width"] = 96
+    config = config_lib.with_defaults(ml_collections.ConfigDict(saved))
+    assert config.model.layout == "dit_air" and config.text.pooled_width == 0
+    assert config.model.width == 96 and config.vae.z_channels == 4  # kept, family section too

@@ -28,6 +28,16 @@ REMAT_POLICIES = {
 }
 
 
+# ``model.layout`` of the DiT-Air paper's baselines (PixArt-alpha, MMDiT): the paper's
+# variants, or the architectures as published (and in diffusers).
+LAYOUTS = ("dit_air", "original")
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"Unknown model.layout {layout!r}; available: {LAYOUTS}.")
+
+
 def remat_policy_name(remat: bool | str) -> str:
     """``model.remat`` as a :data:`REMAT_POLICIES` key (True = ``"full"``, False = ``"none"``)."""
     name = {True: "full", False: "none"}[remat] if isinstance(remat, bool) else remat
@@ -113,18 +123,29 @@ class Denoiser(nn.Module):
         pos = self.image_positions(x.shape[1] // p, x.shape[2] // p)
         return img if pos is None else img + pos.astype(self.dtype)
 
+    @property
+    def uses_pooled_text(self) -> bool:
+        """Whether ``c`` takes the pooled text (MMDiT style) besides the timestep."""
+        return True
+
     def embed_inputs(self, x, t, cond):
         """Returns ``(image tokens (B, N, d), text tokens (B, L, d), key mask of the text
-        (B, L) bool, condition vector c (B, d))``."""
+        (B, L) bool, condition vector c (B, d))``; ``text_hidden_ratio`` 0 projects the
+        text with one Linear."""
         img = self.embed_image(x)
         txt = TextAdapter(self.width, int(self.text_hidden_ratio * self.width),
                           name="text_adapter", **self.kw)(cond["text_tokens"])
-        cvec = ConditionEmbedder(self.width, name="cond_embed", **self.kw)(t, cond["text_pooled"])
+        pooled = cond["text_pooled"] if self.uses_pooled_text else None
+        cvec = ConditionEmbedder(self.width, name="cond_embed", **self.kw)(t, pooled)
         return img, txt, cond["text_mask"].astype(bool), cvec
 
     def predict(self, img_tokens, cvec, x_shape):
         """Final layer on the image tokens, back to ``x_shape`` (B, H, W, C), fp32."""
-        _, h, w, _ = x_shape
         p = self.patch_size
         out = FinalLayer(p * p * self.out_channels, name="final", **self.kw)(img_tokens, cvec)
-        return unpatchify(out, p, h, w, self.out_channels).astype(jnp.float32)
+        return self.tokens_to_latents(out, x_shape)
+
+    def tokens_to_latents(self, tokens, x_shape):
+        """Output tokens ``(B, N, p*p*C)`` -> ``x_shape`` (B, H, W, C), fp32."""
+        _, h, w, _ = x_shape
+        return unpatchify(tokens, self.patch_size, h, w, self.out_channels).astype(jnp.float32)

@@ -1,5 +1,6 @@
-"""Converters from PyTorch state dicts to jaxdit parameter trees (Lumina-Image 2.0 and
-DiT, from their diffusers layouts).
+"""Converters from PyTorch state dicts to jaxdit parameter trees (Lumina-Image 2.0, DiT
+and the diffusers AutoencoderKL, from their diffusers layouts; PixArt-alpha and SD3 in
+:mod:`jaxdit.models.convert_baselines`).
 
 ``lumina_from_diffusers``: a ``diffusers`` ``Lumina2Transformer2DModel`` state dict (the
 layout of ``Alpha-VLLM/Lumina-Image-2.0`` on the Hugging Face hub, ``transformer/``) to the
@@ -169,6 +170,25 @@ def _linear(out: dict, path: str, sd: Mapping, name: str):
     out[f"{path}/bias"] = np.asarray(sd[f"{name}.bias"], np.float32)
 
 
+def _patch_embed(out: dict, sd: Mapping, name: str, patch: int, channels: int):
+    """A diffusers ``PatchEmbed`` conv ``(d, C, p, p)`` -> jaxdit's ``patch_embed/proj``
+    Linear over patch features ordered ``(ph, pw, c)``."""
+    w = np.asarray(sd[f"{name}.weight"], np.float32)
+    out["patch_embed/proj/kernel"] = w.transpose(2, 3, 1, 0).reshape(patch * patch * channels, -1)
+    out["patch_embed/proj/bias"] = np.asarray(sd[f"{name}.bias"], np.float32)
+
+
+def _output_head(out: dict, path: str, sd: Mapping, name: str, patch: int, channels: int,
+                 sign: float = 1.0):
+    """The final ``Linear(d -> p*p*C_out)``: a learned-sigma head (``C_out = 2C``) keeps the
+    mean channels; ``sign=-1`` flips the prediction (v = eps - x0 -> jaxdit's x0 - eps)."""
+    w, b = (np.asarray(sd[f"{name}.{k}"], np.float32) for k in ("weight", "bias"))
+    out_ch = w.shape[0] // (patch * patch)
+    w = w.reshape(patch, patch, out_ch, -1)[:, :, :channels].reshape(patch * patch * channels, -1)
+    b = b.reshape(patch, patch, out_ch)[:, :, :channels].reshape(-1)
+    out[f"{path}/kernel"], out[f"{path}/bias"] = sign * w.T, sign * b
+
+
 def dit_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, patch_size: int,
                        channels: int):
     """Converts a diffusers ``DiTTransformer2DModel`` state dict to the params of
@@ -179,10 +199,8 @@ def dit_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, patch_
     output (``out_channels = 2 * channels``) keeps only the mean channels.
     """
     sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
-    p, out = patch_size, {}
-    w = sd["pos_embed.proj.weight"]  # conv (d, C, p, p) -> patch features ordered (ph, pw, c)
-    out["patch_embed/proj/kernel"] = w.transpose(2, 3, 1, 0).reshape(p * p * channels, -1)
-    out["patch_embed/proj/bias"] = sd["pos_embed.proj.bias"]
+    out = {}
+    _patch_embed(out, sd, "pos_embed.proj", patch_size, channels)
     blocks = sorted({int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks.")})
     for i in blocks:
         pre = f"transformer_blocks.{i}"
@@ -197,11 +215,7 @@ def dit_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, patch_
         _linear(out, path, sd, f"{pre}.{name}")
     out["cond_embed/label_embed/embedding"] = sd[f"{pre}.norm1.emb.class_embedder.embedding_table.weight"]
     _linear(out, "final/adaln/proj", sd, "proj_out_1")
-    w2, b2 = sd["proj_out_2.weight"], sd["proj_out_2.bias"]
-    out_ch = w2.shape[0] // (p * p)
-    w2 = w2.reshape(p, p, out_ch, -1)[:, :, :channels].reshape(p * p * channels, -1)
-    b2 = b2.reshape(p, p, out_ch)[:, :, :channels].reshape(-1)
-    out["final/proj/kernel"], out["final/proj/bias"] = w2.T, b2
+    _output_head(out, "final/proj", sd, "proj_out_2", patch_size, channels)
     return _check_and_unflatten(out, expected)
 
 
@@ -335,38 +349,49 @@ def read_diffusers_dir(model_dir: str) -> tuple[dict, dict]:
     return json.loads((root / "config.json").read_text()), state
 
 
+DIFFUSERS_FAMILIES = ("lumina", "dit", "pixart", "sd3")
+
+
 def convert_diffusers_dir(model_dir: str, family: str):
-    """Converts a diffusers Lumina2 (``family='lumina'``) or DiT (``'dit'``) folder.
+    """Converts a diffusers folder of ``family`` in :data:`DIFFUSERS_FAMILIES`: Lumina2,
+    DiT (into the dense Race-DiT), PixArt-alpha and SD3 (into PixArt-alpha / MMDiT with
+    ``layout="original"``, :mod:`jaxdit.models.convert_baselines`).
 
     Returns ``(denoiser params, model fields)``; the fields say which ``config.model``
-    values (plus ``latent_channels`` and, for Lumina, ``text_width``) the run must use.
+    values (plus ``latent_channels`` and, for text models, ``text_width`` and
+    ``pooled_width``) the run must use.
     """
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from jaxdit import config_lib  # pylint: disable=import-outside-toplevel
+    from jaxdit.models import convert_baselines as baselines  # pylint: disable=import-outside-toplevel
     from jaxdit.models.registry import build_denoiser  # pylint: disable=import-outside-toplevel
     from jaxdit.train.state import strip_boxes  # pylint: disable=import-outside-toplevel
+    configs = {"lumina": lumina_config_from_diffusers, "dit": dit_config_from_diffusers,
+               "pixart": baselines.pixart_config_from_diffusers,
+               "sd3": baselines.sd3_config_from_diffusers}
+    if family not in configs:
+        raise ConversionError(f"Unknown family {family!r}; available: {DIFFUSERS_FAMILIES}.")
     dcfg, state = read_diffusers_dir(model_dir)
-    if family == "lumina":
-        fields = lumina_config_from_diffusers(dcfg)
-        cond = {"text_tokens": jnp.zeros((1, 4, fields["text_width"])),
-                "text_mask": jnp.ones((1, 4), bool)}
-    elif family == "dit":
-        fields = dit_config_from_diffusers(dcfg)
+    fields = configs[family](dcfg)
+    if family == "dit":
         cond = {"label": jnp.zeros((1,), jnp.int32)}
     else:
-        raise ConversionError(f"Unknown family {family!r}; available: lumina, dit.")
+        width = fields["text_width"]
+        cond = {"text_tokens": jnp.zeros((1, 4, width)), "text_mask": jnp.ones((1, 4), bool),
+                "text_pooled": jnp.zeros((1, fields.get("pooled_width", width)))}
     model_cfg = config_lib.base_config().model
     model_cfg.update({k: v for k, v in fields.items() if k in model_cfg})
     model = build_denoiser(model_cfg, fields["latent_channels"])
-    p = fields["patch_size"]
-    x = jnp.zeros((1, 2 * p, 2 * p, fields["latent_channels"]))
+    p, channels = fields["patch_size"], fields["latent_channels"]
+    x = jnp.zeros((1, 2 * p, 2 * p, channels))
     expected = strip_boxes(jax.eval_shape(
         lambda: model.init(jax.random.PRNGKey(0), x, jnp.zeros(1), cond))["params"])
     if family == "lumina":
         params = lumina_from_diffusers(state, expected, num_heads=fields["num_heads"],
                                        num_kv_heads=fields["num_kv_heads"])
     else:
-        params = dit_from_diffusers(state, expected, patch_size=p,
-                                    channels=fields["latent_channels"])
+        convert = {"dit": dit_from_diffusers, "pixart": baselines.pixart_from_diffusers,
+                   "sd3": baselines.sd3_from_diffusers}[family]
+        params = convert(state, expected, patch_size=p, channels=channels)
     return params, fields

@@ -227,7 +227,8 @@ class FinalLayer(nn.Module):
 
 
 class TextAdapter(nn.Module):
-    """Projects text-encoder tokens (B, L, Dt) to the model width: ``Linear-GELU-Linear``."""
+    """Projects text-encoder tokens (B, L, Dt) to the model width: ``Linear-GELU-Linear``
+    with ``hidden`` units, or one ``Linear`` when ``hidden`` is 0 (SD3's context embedder)."""
     width: int
     hidden: int
     dtype: Dtype = jnp.float32
@@ -236,7 +237,10 @@ class TextAdapter(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = dense(self.hidden, ("text_embed", "mlp"), name="fc1", **kw)(x.astype(self.dtype))
+        x = x.astype(self.dtype)
+        if not self.hidden:
+            return dense(self.width, ("text_embed", "embed"), name="proj", **kw)(x)
+        h = dense(self.hidden, ("text_embed", "mlp"), name="fc1", **kw)(x)
         return dense(self.width, ("mlp", "embed"), name="fc2", **kw)(nn.gelu(h, approximate=True))
 
 
@@ -308,11 +312,18 @@ def grid_positions(h: int, w: int):
     return jnp.stack([r.reshape(-1), c.reshape(-1)], axis=-1).astype(jnp.int32)
 
 
-def sincos_2d(h: int, w: int, dim: int):
+def sincos_2d(h: int, w: int, dim: int, base_size: int = 0, interpolation: float = 1.0):
     """Fixed MAE/DiT 2D sin-cos position embedding ``(h*w, dim)`` (no parameters):
     ``[sin(col w), cos(col w), sin(row w), cos(row w)]`` per row-major token, the column
-    half first as in MAE/DiT (so DiT checkpoints convert unchanged)."""
+    half first as in MAE/DiT (so DiT checkpoints convert unchanged).
+
+    ``base_size`` > 0 stretches each axis onto a ``base_size`` grid (coordinate
+    ``i * base_size / n`` on an ``n``-token axis) and ``interpolation`` divides the
+    coordinates, as PixArt-alpha's ``base_size`` / ``interpolation_scale``."""
     pos = grid_positions(h, w).astype(jnp.float32)
+    if base_size:
+        pos = pos * jnp.asarray([base_size / h, base_size / w], jnp.float32)
+    pos = pos / interpolation
     quarter = dim // 4
     omega = 1.0 / 10000 ** (jnp.arange(quarter, dtype=jnp.float32) / quarter)
     out = [f(pos[:, i:i + 1] * omega) for i in (1, 0) for f in (jnp.sin, jnp.cos)]

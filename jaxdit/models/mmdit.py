@@ -9,6 +9,13 @@ idea), cropped to the token grid. The DiT-Air paper does not break down MMDiT's 
 parameters; a 144x144 table (24M at B size) together with the embedders shared with DiT-Air
 reproduces Table 2 (902M per-layer / 631M shared) within 1%. Set ``pos_embed_max_size=0``
 to use fixed sin-cos positions instead.
+
+``layout="original"`` is SD3's MMDiT (diffusers ``SD3Transformer2DModel``, whose weights
+:mod:`jaxdit.models.convert_baselines` loads): in the last block the text stream only
+supplies keys and values (``context_pre_only``: its AdaLN gives shift and scale, and it has
+no output projection or MLP). Use it with ``sandwich=False`` and ``text_hidden_ratio=0``
+(one Linear context embedder); SD3 has no QK-norm, SD3.5 has it. ``"dit_air"`` (default)
+is the DiT-Air paper's variant, every block dual-stream throughout.
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdit.models.attention import OutProjection, QKVProjection, attention
-from jaxdit.models.base import Block, Denoiser
+from jaxdit.models.base import Block, Denoiser, check_layout
 from jaxdit.models.layers import AdaLNModulation, LayerNorm, Mlp, RMSNorm, modulate, sincos_2d
 
 ADALN_MODES = ("per_layer", "shared")
@@ -40,7 +47,11 @@ class StreamModules(Block):
 
 
 class MMDiTBlock(Block):
-    """Joint attention over both streams; ``mods_*`` are 6 ``(B, 1, d)`` arrays per stream."""
+    """Joint attention over both streams; ``mods_*`` are 6 ``(B, 1, d)`` arrays per stream
+    (shift, scale, gate for attention, then for the MLP). ``context_pre_only``: the text
+    stream only feeds keys/values (``mods_txt`` needs shift and scale) and is returned
+    unchanged."""
+    context_pre_only: bool = False
 
     @nn.compact
     def __call__(self, txt, img, mods_txt, mods_img, key_mask):
@@ -55,6 +66,9 @@ class MMDiTBlock(Block):
         outs = (out[:, :n_txt], out[:, n_txt:])
         new = []
         for s, x, m, o in zip(streams, xs, mods, outs):
+            if self.context_pre_only and s is streams[0]:
+                new.append(x)
+                continue
             x = x + m[2] * s.post(s.out(o), "attn")
             h = s.mlp(modulate(LayerNorm(dtype=self.dtype)(x), m[3], m[4]))
             new.append(x + m[5] * s.post(h, "mlp"))
@@ -62,27 +76,32 @@ class MMDiTBlock(Block):
 
 
 class MMDiT(Denoiser):
-    """MMDiT denoiser (contract in :mod:`jaxdit.models.base`)."""
+    """MMDiT denoiser (contract in :mod:`jaxdit.models.base`); ``layout`` in the module
+    docstring."""
     adaln: str = "per_layer"
     pos_embed_max_size: int = 144
+    layout: str = "dit_air"
 
     @nn.compact
     def __call__(self, x, t, cond):
         if self.adaln not in ADALN_MODES:
             raise ValueError(f"adaln must be one of {ADALN_MODES}, got {self.adaln!r}.")
+        check_layout(self.layout)
         img, txt, text_mask, cvec = self.embed_inputs(x, t, cond)
         key_mask = jnp.concatenate([text_mask, jnp.ones(img.shape[:2], bool)], axis=1)
 
-        def modulations(suffix):
-            return (AdaLNModulation(self.width, 6, name=f"adaln_text{suffix}", **self.kw)(cvec),
+        def modulations(suffix, text_chunks=6):
+            return (AdaLNModulation(self.width, text_chunks, name=f"adaln_text{suffix}",
+                                    **self.kw)(cvec),
                     AdaLNModulation(self.width, 6, name=f"adaln_image{suffix}", **self.kw)(cvec))
 
         shared = modulations("") if self.adaln == "shared" else None
         block_cls = self.block_class(MMDiTBlock)
         for i in range(self.depth):
-            mods_txt, mods_img = shared or modulations(f"_{i}")
-            txt, img = block_cls(name=f"block_{i}", **self.block_options())(
-                txt, img, mods_txt, mods_img, key_mask)
+            pre_only = self.layout == "original" and i == self.depth - 1
+            mods_txt, mods_img = shared or modulations(f"_{i}", 2 if pre_only else 6)
+            txt, img = block_cls(name=f"block_{i}", context_pre_only=pre_only,
+                                 **self.block_options())(txt, img, mods_txt, mods_img, key_mask)
         return self.predict(img, cvec, x.shape)
 
     def image_positions(self, grid_h: int, grid_w: int):

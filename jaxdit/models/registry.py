@@ -81,9 +81,12 @@ def build_denoiser(model_cfg, out_channels: int, moe_cfg=None) -> nn.Module:
     if m.family == "dit_air":
         return DiTAir(share=m.share, adaln_layer_offset=m.adaln_layer_offset, **common)
     if m.family == "pixart":
-        return PixArtAlpha(**common)
+        return PixArtAlpha(layout=m.layout, pos_base_size=m.pos_base_size,
+                           pos_interpolation=m.pos_interpolation,
+                           size_conditioning=m.size_conditioning, **common)
     if m.family == "mmdit":
-        return MMDiT(adaln=m.adaln, pos_embed_max_size=m.pos_embed_max_size, **common)
+        return MMDiT(adaln=m.adaln, pos_embed_max_size=m.pos_embed_max_size, layout=m.layout,
+                     **common)
     if m.family == "lumina":
         model = Lumina(num_kv_heads=m.num_kv_heads, axes_dims=tuple(m.axes_dims),
                        num_refiner_layers=m.num_refiner_layers,

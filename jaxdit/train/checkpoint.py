@@ -14,6 +14,8 @@ import grain
 import ml_collections
 import orbax.checkpoint as ocp
 
+from jaxdit.config_lib import with_defaults
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, empty or unreadable."""
@@ -87,7 +89,7 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"No checkpoint found in {self.directory}.")
         out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return ml_collections.ConfigDict(out["config"])
+        return with_defaults(ml_collections.ConfigDict(out["config"]))
 
     def wait(self):
         self.manager.wait_until_finished()

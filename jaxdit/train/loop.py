@@ -66,7 +66,7 @@ def example_inputs(config, batch: int = 1):
     else:
         cond = {"text_tokens": jnp.zeros((batch, n, config.text.width)),
                 "text_mask": jnp.ones((batch, n), bool),
-                "text_pooled": jnp.zeros((batch, config.text.width))}
+                "text_pooled": jnp.zeros((batch, config.text.pooled_width or config.text.width))}
     return x, t, cond
 
 

@@ -47,6 +47,16 @@ def _swap_halves(w):
     return np.concatenate([w[half:], w[:half]])
 
 
+def _take_linear(out: dict, used: set, sd: Mapping, path: str, name: str, swap: bool = False):
+    """Linear ``name`` of ``sd`` -> ``path`` in ``out`` (noted in ``used``); ``swap``: its
+    (scale, shift) output halves become jaxdit's (shift, scale)."""
+    weight, bias = sd[f"{name}.weight"], sd[f"{name}.bias"]
+    if swap:
+        weight, bias = _swap_halves(weight), _swap_halves(bias)
+    _linear(out, path, {f"{name}.weight": weight, f"{name}.bias": bias}, name)
+    used.update({f"{name}.weight", f"{name}.bias"})
+
+
 # ------------------------------------------------------------------------------------------
 # PixArt-alpha
 # ------------------------------------------------------------------------------------------
@@ -95,8 +105,7 @@ def pixart_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, pat
     out, used = {}, set()
 
     def linear(path, name):
-        _linear(out, path, sd, name)
-        used.update({f"{name}.weight", f"{name}.bias"})
+        _take_linear(out, used, sd, path, name)
 
     _patch_embed(out, sd, "pos_embed.proj", patch_size, channels)
     used.update({"pos_embed.proj.weight", "pos_embed.proj.bias"})
@@ -164,11 +173,7 @@ def sd3_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, patch_
     out, used = {}, set()
 
     def linear(path, name, swap=False):
-        _linear(out, path, sd, name)
-        if swap:
-            out[f"{path}/kernel"] = _swap_halves(out[f"{path}/kernel"].T).T
-            out[f"{path}/bias"] = _swap_halves(out[f"{path}/bias"])
-        used.update({f"{name}.weight", f"{name}.bias"})
+        _take_linear(out, used, sd, path, name, swap)
 
     _patch_embed(out, sd, "pos_embed.proj", patch_size, channels)
     table = sd["pos_embed.pos_embed"][0]

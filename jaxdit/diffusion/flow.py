@@ -60,6 +60,15 @@ def pooled_grid(size, patch: int, factor: int):
     return (size * patch // factor) // patch
 
 
+def avg_pool_patches(x, patch: int, factor: int):
+    """:func:`avg_pool` of whole latents ``(B, H, W, C)``, cut to whole patches of
+    ``patch`` (:func:`pooled_grid` patches a side), as :func:`avg_pool_packed` does for
+    packed ones."""
+    low = avg_pool(x, factor)
+    h, w = (pooled_grid(n // patch, patch, factor) * patch for n in x.shape[1:3])
+    return low[:, :h, :w]
+
+
 def avg_pool_packed(tokens, pos, mask, patch: int, factor: int):
     """:func:`avg_pool` of each image of a packed batch, cut to whole patches and repacked
     in the layout of :func:`jaxdit.data.buckets.pack_patches`.

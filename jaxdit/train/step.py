@@ -57,13 +57,11 @@ def train_shift(cfg, x0) -> float:
 def pooled_branch_inputs(x0, cond, factor: int, patch_size: int):
     """Latents average-pooled by ``factor`` (cut to whole patches) for the
     multi-resolution branch, and their condition: whole images ``(B, H, W, C)`` pool
-    directly; packed patches ``(B, N, F)`` pool image by image and carry the pooled images'
-    ``patch_pos`` / ``patch_mask`` (:func:`jaxdit.diffusion.flow.avg_pool_packed`)."""
+    directly (:func:`jaxdit.diffusion.flow.avg_pool_patches`); packed patches ``(B, N, F)``
+    pool image by image and carry the pooled images' ``patch_pos`` / ``patch_mask``
+    (:func:`jaxdit.diffusion.flow.avg_pool_packed`)."""
     if x0.ndim == 4:
-        low = flow.avg_pool(x0, factor)
-        h, w = (flow.pooled_grid(n // patch_size, patch_size, factor) * patch_size
-                for n in x0.shape[1:3])
-        return low[:, :h, :w], cond
+        return flow.avg_pool_patches(x0, patch_size, factor), cond
     tokens, pos, mask = flow.avg_pool_packed(x0, cond["patch_pos"], cond["patch_mask"],
                                              patch_size, factor)
     return tokens, {**cond, "patch_pos": pos, "patch_mask": mask}

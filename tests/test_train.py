@@ -118,6 +118,25 @@ def test_adafactor_constant_b2_factored_and_unfactored():
     np.testing.assert_allclose(updates["b"], [1.0, -1.0, 1.0], rtol=1e-5)
 
 
+def test_adafactor_survives_a_starved_expert_whose_factored_statistics_underflow():
+    """Regression (Race-DiT tiny-4in16 went NaN at step 3): an expert fed one token has a
+    rank-1 gradient spanning 1e-11 .. 1e-26; its row ratio (1.3e-6) times a column
+    statistic at the eps floor (3e-33) is below float32's smallest normal, the compiled
+    step flushed it to 0, and rsqrt(0) * g wrote Inf into the weights (5,626 of these
+    16,384 entries before the fix). Jitted, as in the train step: eager ops keep
+    denormals and hide it."""
+    tx = scale_by_factored_rms(b2=0.999)
+    rng = np.random.default_rng(0)
+    healthy = rng.normal(size=(128, 128)) * 1e-7
+    a = np.geomspace(1e-5, 1e-13, 128)
+    grads = {"w": jnp.asarray(np.stack([healthy, np.outer(a, a)]), jnp.float32)}
+    state = tx.init(grads)
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        updates, state = update(grads, state)
+        assert np.isfinite(np.asarray(updates["w"])).all()
+
+
 @pytest.mark.parametrize("name", ["adafactor", "adamw"])
 def test_optimizers_minimise_a_quadratic(name):
     cfg = config_lib.base_config().optim

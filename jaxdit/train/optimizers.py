@@ -63,11 +63,16 @@ def scale_by_factored_rms(b2: float = 0.999, eps: float = 1e-30,
             if _factored(g.shape, min_dim_size_to_factor):
                 vr = b2 * vr + (1 - b2) * g2.mean(-1)
                 vc = b2 * vc + (1 - b2) * g2.mean(-2)
-                denom = (vr / vr.mean(-1, keepdims=True))[..., None] * vc[..., None, :]
+                # The preconditioner is rsqrt(row_ratio_i * col_j); each factor is taken
+                # on its own. Their product can fall below float32's smallest normal
+                # (an MoE expert with a tiny gradient: 1.3e-6 * 3e-33), which XLA flushes
+                # to 0, and rsqrt(0) * g wrote Inf into the weights.
+                row = jax.lax.rsqrt(vr / vr.mean(-1, keepdims=True))
+                col = jax.lax.rsqrt(vc / corr)
+                u = g * row[..., None] * col[..., None, :]
             else:
                 v = b2 * v + (1 - b2) * g2
-                denom = v
-            u = g * jax.lax.rsqrt(denom / corr)
+                u = g * jax.lax.rsqrt(v / corr)
             return u.astype(g.dtype), vr, vc, v
 
         out = jax.tree.map(one, grads, state.v_row, state.v_col, state.v)

@@ -104,8 +104,8 @@ def base_config() -> ml_collections.ConfigDict:
         name="adafactor", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
         clip_norm=1.0, schedule="constant", warmup_steps=0, final_lr_ratio=0.0,
         ema_decay=0.9999, ema_warmup=True, grad_accum=1,
-        # A step whose loss or gradient norm is NaN/Inf leaves params, EMA, optimizer and
-        # model state unchanged (reported as skipped); the run stops after
+        # A step whose loss, gradient norm or new state is NaN/Inf leaves params, EMA,
+        # optimizer and model state unchanged (reported as skipped); the run stops after
         # train.max_consecutive_skips such steps in a row.
         skip_nonfinite=True))
     # preset: e.g. "v5p-128" sets fsdp over its 64 chips / (tensor x expert), data over slices.
@@ -121,7 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
         ckpt_every=500, keep_checkpoints=3, async_checkpointing=True, val_batches=4,
         # Params-only checkpoint (e.g. converted diffusers weights, tools/convert_diffusers.py)
         # to start a fresh run from; ignored when the workdir already has a checkpoint.
-        init_params_from="", max_consecutive_skips=20))
+        init_params_from="", max_consecutive_skips=20,
+        # A parameter norm above this multiple of its value at the start of the run is
+        # reported (a warning, and param_norm_ratio in the metrics); 0 = off.
+        param_norm_warn_ratio=10.0))
     c.eval = ml_collections.ConfigDict(dict(
         t_grid=(0.05, 0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)))
     return c

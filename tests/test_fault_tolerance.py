@@ -1,5 +1,6 @@
-"""Fault tolerance: non-finite steps are skipped and reported, and SIGTERM saves a
-checkpoint before the process exits. (The fallback from an unreadable latest checkpoint is
+"""Fault tolerance: non-finite steps (loss, gradient or update) are skipped and reported,
+nothing non-finite is saved or drawn, an exploding parameter norm is reported, and SIGTERM
+saves a checkpoint before the process exits. (The fallback from an unreadable latest checkpoint is
 tested with resuming, in test_train.py.)"""
 import os
 import signal
@@ -7,12 +8,17 @@ import subprocess
 import sys
 import time
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from jaxdit.train.loop import Experiment, SkipMonitor
+from jaxdit.train.checkpoint import Checkpointer
+from jaxdit.train.health import SkipMonitor, TrainingDiverged, nonfinite_paths
+from jaxdit.train.loop import Experiment, save_checkpoint, train_and_evaluate, write_samples
 from tests.helpers import fixed_batch, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,3 +82,90 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
     assert "Preempted (SIGTERM): saved checkpoint step" in out
     steps = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
     assert len(steps) == 1 and steps[0] >= 1
+
+
+def test_a_finite_gradient_whose_update_is_not_finite_is_skipped():
+    """What optim.lr=nan (now refused by the config check) and the old Adafactor underflow
+    did: loss and gradient finite, the update NaN. The step keeps the old state."""
+    cfg = tiny_config()
+    cfg.model.depth = 1
+    exp = Experiment(cfg, jax.devices()[:2])
+    exp.tx = optax.chain(exp.tx, optax.scale(float("nan")))  # before state_sh is derived
+    with exp.context():
+        state = exp.create_state()
+        batch = exp.to_global(fixed_batch(cfg))
+        before = jax.device_get((state.params, state.ema_params, state.opt_state))
+        state, metrics = exp.jit_train_step(batch)(state, batch)
+        assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+        assert float(metrics["skipped"]) == 1.0 and float(metrics["skipped_update"]) == 1.0
+        after = jax.device_get((state.params, state.ema_params, state.opt_state))
+        jax.tree.map(np.testing.assert_array_equal, after, before)
+
+
+def test_a_nan_weight_is_never_saved_or_drawn(tmp_path, capsys):
+    """A NaN injected into one weight: every step is skipped, the checkpoint save refuses
+    naming the leaf and the last good checkpoint, and no sample grid is written."""
+    cfg = tiny_config()
+    cfg.model.depth = 1
+    exp = Experiment(cfg, jax.devices()[:2])
+    with exp.context():
+        state = exp.create_state()
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x: x.at[0].set(jnp.nan) if "final" in jax.tree_util.keystr(p)
+            and x.ndim == 2 else x, state.params)
+        state = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+        assert nonfinite_paths(state.params)
+        batch = exp.to_global(fixed_batch(cfg))
+        skips = SkipMonitor(cfg)
+        skips.last_good_checkpoint = 4
+        state, metrics = exp.jit_train_step(batch)(state, batch)
+        skips.add(metrics, 5)
+        assert float(metrics["skipped"]) == 1.0
+        ckpt = Checkpointer(str(tmp_path / "ck"), async_save=False)
+        with pytest.raises(TrainingDiverged, match=r"Not saving checkpoint step 5: .*final.*"
+                           r"first non-finite step 5; last good checkpoint: step 4"):
+            save_checkpoint(ckpt, 5, state, None, cfg, skips)
+        assert ckpt.all_steps() == []
+        ckpt.close()
+        assert write_samples(exp, state, 5, str(tmp_path)) is None
+    assert "no sample grid written" in capsys.readouterr().out
+    assert not os.path.exists(tmp_path / "samples")
+
+
+def test_an_exploding_parameter_norm_is_reported_before_the_save(tmp_path, capsys):
+    """optim.lr=1e10: the parameters grow by ~1e8 at once; a warning (and
+    param_norm_ratio in the metrics) says so before the checkpoint is written, and the
+    checkpoint holds only finite values."""
+    cfg = tiny_config(steps=3, ckpt_every=3)
+    cfg.model.depth = 1
+    cfg.optim.update(lr=1e10, warmup_steps=0)
+    cfg.sampler.num_samples = 0
+    wd = str(tmp_path / "wd")
+    try:
+        train_and_evaluate(cfg, wd, jax.devices()[:2])
+    except TrainingDiverged as e:  # the huge weights may overflow the loss: also reported
+        assert "last good checkpoint" in str(e)
+    out = capsys.readouterr().out
+    assert "WARNING: parameter norm" in out and "saving checkpoint step 3 with it" in out
+    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert max(r.get("param_norm_ratio", 0) for r in rows) > 1e6
+    exp = Experiment(cfg, jax.devices()[:2])
+    with exp.context():
+        ckpt = Checkpointer(os.path.join(wd, "checkpoints"), create=False)
+        restored, _ = ckpt.restore(exp.abstract_state())
+        ckpt.close()
+        assert nonfinite_paths(restored) == []
+
+
+def test_cli_refuses_a_nan_learning_rate_in_one_line_and_writes_nothing(tmp_path):
+    wd = tmp_path / "wd"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdit.train", "--config", "experiments/dit_air.py:tiny",
+         "--workdir", str(wd), "--config.optim.lr=nan"], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "Error: optim.lr must be a finite number > 0, got nan.")
+    assert "Traceback" not in proc.stderr and not wd.exists()

@@ -1,11 +1,18 @@
 """``python -m jaxdit.train --config experiments/dit_air.py:tiny --workdir DIR [--config.x=y]``"""
 from __future__ import annotations
 
+import os
+import sys
+
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxdit.config_lib import ConfigError
 from jaxdit.parallel import distributed
+from jaxdit.parallel.mesh import MeshConfigError
+from jaxdit.train.checkpoint import CheckpointError
+from jaxdit.train.health import TrainingDiverged
 from jaxdit.train.loop import train_and_evaluate
 
 FLAGS = flags.FLAGS
@@ -18,6 +25,10 @@ flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's id.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Errors a user's config, data or run causes: one line on stderr and exit code 1
+# (JAXDIT_DEBUG=1 shows the traceback).
+USER_ERRORS = (ConfigError, MeshConfigError, CheckpointError, TrainingDiverged)
+
 
 def main(argv):
     if len(argv) > 1:
@@ -25,10 +36,18 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     jax.config.update("jax_threefry_partitionable", True)  # sharding-invariant random bits
-    result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except USER_ERRORS as e:
+        if os.environ.get("JAXDIT_DEBUG"):
+            raise
+        print(f"Error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if result.get("already_finished"):
+        return
     val = "val/loss" if "val/loss" in result else "val/mse"  # autoencoders report the MSE
-    print(f"Done: loss {result.get('loss', float('nan')):.4f}, {val.replace('/', ' ')} "
-          f"{result.get(val, float('nan')):.4f}, checkpoint step "
+    print(f"Done: loss {result.get('loss', float('nan')):.4g}, {val.replace('/', ' ')} "
+          f"{result.get(val, float('nan')):.4g}, checkpoint step "
           f"{result['checkpoint_step']}, samples {result.get('samples')}", flush=True)
 
 

@@ -33,6 +33,8 @@ from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_sharding, make_mesh
 from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.checks import validate_config
+from jaxdit.train.health import (ParamNormMonitor, SkipMonitor, TrainingDiverged,
+                                 nonfinite_paths, report)
 from jaxdit.train.metrics import MetricWriter, Progress
 from jaxdit.train.autoencoder import make_autoencoder_val_fn, make_reconstruction_fn
 from jaxdit.train.d2it import make_d2it_sample_fn, make_d2it_val_fn
@@ -264,47 +266,25 @@ def cached_condition(cfg, n: int, captions=None):
 def write_samples(exp: Experiment, state, step: int, workdir: str, captions=None,
                   labels=None) -> str:
     """Samples ``captions`` / ``labels`` (see :func:`sample_condition`) with the EMA weights
-    and writes ``samples/step_<step>.png`` plus the captions or class names beside it."""
+    and writes ``samples/step_<step>.png`` plus the captions or class names beside it.
+    Returns its path, or None (with a warning) when the samples are not finite."""
     cfg = exp.config
     captions, cond = sample_condition(exp, captions, labels)
     images = exp.sample_fn(state_variables(state), {k: jnp.asarray(v) for k, v in cond.items()},
                            jax.random.PRNGKey(cfg.sampler.seed))
     if jax.process_count() > 1:  # every host samples (collectives); the first one writes
         images = multihost_utils.process_allgather(images, tiled=True)
+    images = np.asarray(images)
+    if not np.isfinite(images).all():  # a grid of clipped NaNs would look like a result
+        report(f"WARNING: samples at step {step} are not finite "
+               f"({int((~np.isfinite(images)).sum())} values); no sample grid written.")
+        return None
     cols = int(np.ceil(np.sqrt(len(captions))))
     path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
     if jax.process_index() == 0:
-        save_grid(np.asarray(images), path, cols=cols)
+        save_grid(images, path, cols=cols)
         write_captions(captions, path.replace(".png", ".txt"), cols)
     return path
-
-
-class SkipMonitor:
-    """Counts updates skipped for a non-finite loss/gradient (``metrics["skipped"]``) on the
-    device, without a host sync per step; :meth:`check` (at log steps) reports new skips and
-    stops the run after ``train.max_consecutive_skips`` in a row."""
-
-    def __init__(self, cfg):
-        self.limit = int(cfg.train.max_consecutive_skips)
-        self.total = self.run = jnp.zeros((), jnp.float32)
-        self.reported = 0
-
-    def add(self, metrics):
-        skipped = metrics.get("skipped", jnp.zeros(()))
-        self.total = self.total + skipped
-        self.run = (self.run + skipped) * skipped
-
-    def check(self, step: int):
-        total, run = (int(x) for x in jax.device_get((self.total, self.run)))
-        if total > self.reported:
-            msg = (f"WARNING: {total - self.reported} update(s) skipped for a non-finite loss "
-                   f"or gradient up to step {step} ({total} in this run).")
-            log.warning(msg)
-            print(msg, flush=True)
-            self.reported = total
-        if self.limit and run >= self.limit:
-            raise FloatingPointError(f"{run} consecutive steps up to {step} had a non-finite "
-                                     "loss or gradient; stopping (train.max_consecutive_skips).")
 
 
 class PreemptionGuard:
@@ -341,13 +321,37 @@ class PreemptionGuard:
         return self.fired
 
 
+def save_checkpoint(ckpt: Checkpointer, step: int, state, train_iter, cfg, skips: SkipMonitor):
+    """Saves ``state`` at ``step`` unless it holds a NaN/Inf anywhere (then the run stops:
+    :class:`TrainingDiverged` names the leaves and the last good checkpoint)."""
+    bad = nonfinite_paths(state)
+    if bad:
+        raise TrainingDiverged(
+            f"Not saving checkpoint step {step}: the train state holds non-finite values "
+            f"({', '.join(bad)}); {skips.where()}.")
+    ckpt.save(step, state, train_iter, cfg)
+    skips.last_good_checkpoint = step
+
+
+def check_finished_finite(result: dict, skips: SkipMonitor):
+    """Raises :class:`TrainingDiverged` when the run ended with a non-finite training or
+    validation loss (a finished run must not read as a success with ``loss nan``)."""
+    bad = [k for k in ("loss", "val/loss", "val/mse") if k in result
+           and not np.isfinite(result[k])]
+    if bad:
+        values = ", ".join(f"{k} {result[k]}" for k in bad)
+        raise TrainingDiverged(f"The run ended with a non-finite {values}; {skips.where()}.")
+
+
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
-    Returns the last logged metrics (plus ``samples`` and ``checkpoint_step``).
+    Returns the last logged metrics (plus ``samples`` and ``checkpoint_step``;
+    ``already_finished`` when the workdir's checkpoint had reached ``train.steps``).
+    Raises :class:`TrainingDiverged` when the run stops or ends non-finite.
     """
+    exp = Experiment(config, devices)  # checks the config before anything is written
     os.makedirs(workdir, exist_ok=True)
-    exp = Experiment(config, devices)
     cfg = config
     is_main = jax.process_index() == 0
     if is_main:
@@ -360,63 +364,73 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cfg.train.keep_checkpoints,
                         cfg.train.async_checkpointing)
     writer = MetricWriter(workdir, enabled=is_main)
-    with exp.context():
-        if ckpt.latest_step() is not None:
-            state, start = ckpt.restore_latest_valid(exp.abstract_state(), train_iter)
-            log.info("Resumed from step %d", start)
-            print(f"Resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
-        else:
-            state, start = exp.create_state(), 0
-            if cfg.train.init_params_from:
-                state = init_params(state, exp, cfg.train.init_params_from)
-        n_params = count_params(state.params)
-        print(f"Model {cfg.model.family}: {n_params / 1e6:.2f}M params | mesh "
-              f"{dict(exp.mesh.shape)} | global batch {cfg.train.batch_size}", flush=True)
-        batch = exp.to_global(next(train_iter))
-        step_fn = exp.jit_train_step(batch)
-        progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.train.batch_size)
-        last = {}
-        skips = SkipMonitor(cfg)
-        t_start = time.perf_counter()
-        final_step = start
-        with PreemptionGuard() as preemption:
-            for step in range(start + 1, cfg.train.steps + 1):
-                if step > start + 1:
-                    batch = exp.to_global(next(train_iter))
-                state, metrics = step_fn(state, batch)
-                skips.add(metrics)
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    skips.check(step)
-                    rate = progress.update(step, scalars) or {}
-                    writer.write(step, {**scalars, **{f"perf/{k}": v for k, v in rate.items()}})
-                    last = {**scalars, **rate}
-                final_step = step
-                if preemption.requested(step):
-                    ckpt.save(step, state, train_iter, cfg)
-                    ckpt.wait()
-                    print(f"Preempted ({preemption.signal_name}): saved checkpoint step "
-                          f"{step}; rerun the same command to resume.", flush=True)
-                    break
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    last.update(evaluate(exp, state, step, writer))
-                if cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                    write_samples(exp, state, step, workdir)
-                if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-                    ckpt.save(step, state, train_iter, cfg)
-        progress.close()
-        if preemption.fired:
-            ckpt.close()
-            writer.close()
-            return {**last, "checkpoint_step": final_step, "preempted": True}
-        final_step = int(jax.device_get(state.step))
-        evaluated = cfg.train.eval_every and final_step % cfg.train.eval_every == 0
-        if start < cfg.train.steps and not evaluated:
-            last.update(evaluate(exp, state, final_step, writer))
-        if cfg.sampler.num_samples > 0:  # 0: no final sample grid
-            last["samples"] = write_samples(exp, state, final_step, workdir)
-        last["train_time_s"] = time.perf_counter() - t_start
-    ckpt.close()
-    writer.close()
-    last["checkpoint_step"] = final_step
+    skips = SkipMonitor(cfg)
+    try:
+        with exp.context():
+            if ckpt.latest_step() is not None:
+                state, start = ckpt.restore_latest_valid(exp.abstract_state(), train_iter)
+                skips.last_good_checkpoint = start
+                log.info("Resumed from step %d", start)
+                print(f"Resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
+            else:
+                state, start = exp.create_state(), 0
+                if cfg.train.init_params_from:
+                    state = init_params(state, exp, cfg.train.init_params_from)
+            if start >= cfg.train.steps:
+                print(f"The run in {workdir} already finished: its checkpoint is at step {start} "
+                      f"of train.steps={cfg.train.steps}. Nothing to train; raise "
+                      "--config.train.steps to continue it.", flush=True)
+                return {"checkpoint_step": start, "already_finished": True}
+            n_params = count_params(state.params)
+            print(f"Model {cfg.model.family}: {n_params / 1e6:.2f}M params | mesh "
+                  f"{dict(exp.mesh.shape)} | global batch {cfg.train.batch_size}", flush=True)
+            batch = exp.to_global(next(train_iter))
+            step_fn = exp.jit_train_step(batch)
+            progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.train.batch_size)
+            norms = ParamNormMonitor(cfg, state.params)
+            last = {}
+            t_start = time.perf_counter()
+            final_step = start
+            with PreemptionGuard() as preemption:
+                for step in range(start + 1, cfg.train.steps + 1):
+                    if step > start + 1:
+                        batch = exp.to_global(next(train_iter))
+                    state, metrics = step_fn(state, batch)
+                    skips.add(metrics, step)
+                    saving = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
+                    if step % cfg.train.log_every == 0 or step == cfg.train.steps or saving:
+                        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        skips.check(step)
+                        scalars.update(norms.check(step, scalars, saving=saving))
+                        rate = progress.update(step, scalars) or {}
+                        writer.write(step, {**scalars, **{f"perf/{k}": v for k, v in rate.items()}})
+                        last = {**scalars, **rate}
+                    final_step = step
+                    if preemption.requested(step):
+                        save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
+                        ckpt.wait()
+                        print(f"Preempted ({preemption.signal_name}): saved checkpoint step "
+                              f"{step}; rerun the same command to resume.", flush=True)
+                        break
+                    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                        last.update(evaluate(exp, state, step, writer))
+                    if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                        write_samples(exp, state, step, workdir)
+                    if saving:
+                        save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
+            progress.close()
+            if preemption.fired:
+                return {**last, "checkpoint_step": final_step, "preempted": True}
+            final_step = int(jax.device_get(state.step))
+            evaluated = cfg.train.eval_every and final_step % cfg.train.eval_every == 0
+            if not evaluated:
+                last.update(evaluate(exp, state, final_step, writer))
+            if cfg.sampler.num_samples > 0:  # 0: no final sample grid
+                last["samples"] = write_samples(exp, state, final_step, workdir)
+            last["train_time_s"] = time.perf_counter() - t_start
+            last["checkpoint_step"] = final_step
+    finally:  # an error or a stop still finishes the in-flight save
+        ckpt.close()
+        writer.close()
+    check_finished_finite(last, skips)
     return last

@@ -8,12 +8,14 @@ step-dependent ``1 - t^-0.8`` decay, hence the small transform below.)
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxdit.config_lib import ConfigError
 from jaxdit.train.state import path_names
 
 OPTIMIZERS = ("adafactor", "adamw")
@@ -119,8 +121,8 @@ def make_optimizer(cfg, total_steps: int, frozen: bool = False):
 
 
 def _make_optimizer(cfg, total_steps: int):
-    if cfg.lr <= 0:
-        raise ValueError(f"optim.lr must be > 0, got {cfg.lr}.")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise ConfigError(f"optim.lr must be a finite number > 0, got {cfg.lr}.")
     schedule = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
         base = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,

@@ -3,7 +3,9 @@
 ``train_step(state, batch) -> (state, metrics)`` (after ``functools.partial`` binds the
 static pieces): flow-matching loss with caption dropout, gradient accumulation over
 micro-batches with ``lax.scan``, optimizer update, EMA of the parameters; a step with a
-non-finite loss or gradient norm changes nothing but the step count (``skipped`` = 1).
+non-finite loss, gradient norm or new state (params, EMA, optimizer, model state) changes
+nothing but the step count (``skipped`` = 1; ``skipped_update`` = 1 when only the update
+was non-finite). ``param_norm`` is logged for :class:`jaxdit.train.health.ParamNormMonitor`.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from jaxdit.moe.metrics import summarize as summarize_moe
 from jaxdit.train.autoencoder import autoencoder_loss_fn
 from jaxdit.train.d2it import d2it_loss_fn
 from jaxdit.train.draft import draft_loss_fn
+from jaxdit.train.health import all_finite, keep_if
 from jaxdit.train.state import TrainState
 
 # ``train.objective``: the flow-matching loss; DRaFT reward fine-tuning
@@ -165,29 +168,28 @@ def train_step(state: TrainState, batch, *, model, autoencoder, tx, schedule, cf
             body, (zeros, state.model_state), (micro, keys))
         loss, aux, grads = jax.tree.map(lambda x: x / num_micro, (loss, aux, grads))
 
-    def apply_update(_):
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        decay = jnp.asarray(cfg.optim.ema_decay, jnp.float32)
-        if cfg.optim.ema_warmup:
-            step = state.step.astype(jnp.float32)
-            decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-        ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
-        return params, ema, opt_state, model_state
-
-    def keep_state(_):
-        return state.params, state.ema_params, state.opt_state, state.model_state
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = jnp.asarray(cfg.optim.ema_decay, jnp.float32)
+    if cfg.optim.ema_warmup:
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    ema = optax.incremental_update(params, state.ema_params, 1.0 - decay)
+    new = (params, ema, opt_state, model_state)
 
     grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if cfg.optim.get("skip_nonfinite", True):  # a NaN/Inf step keeps the old values and
-        # does not run the update (measured on H100: same step time as a select)
-        params, ema, opt_state, model_state = jax.lax.cond(finite, apply_update, keep_state,
-                                                           None)
-    else:
-        params, ema, opt_state, model_state = apply_update(None)
+    inputs_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # Finite gradients can still give a non-finite update (an optimizer's numerics, a bad
+    # learning rate): the new state is checked too, and such a step is skipped the same way.
+    update_finite = all_finite(new)
+    finite = inputs_finite & update_finite
+    if cfg.optim.get("skip_nonfinite", True):  # a NaN/Inf step keeps the old values
+        old = (state.params, state.ema_params, state.opt_state, state.model_state)
+        params, ema, opt_state, model_state = keep_if(finite, new, old)
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                               opt_state=opt_state, model_state=model_state, rng=rng)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-               "skipped": 1.0 - finite.astype(jnp.float32), **aux}
+               "param_norm": optax.tree.norm(params),
+               "skipped": 1.0 - finite.astype(jnp.float32),
+               "skipped_update": (inputs_finite & ~update_finite).astype(jnp.float32), **aux}
     return new_state, metrics

@@ -41,9 +41,12 @@ def report(msg: str):
 
 def all_finite(tree) -> jax.Array:
     """Scalar bool: every floating-point leaf of ``tree`` is finite (integer leaves such as
-    step counts and RNG keys are ignored). Traceable; one reduction per leaf."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _inexact(x)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+    step counts and RNG keys are ignored). Traceable. ``x * 0`` is 0 where ``x`` is finite
+    and NaN where it is not, so one sum of it per leaf says whether the leaf is finite and
+    can never overflow; the sums add to one scalar (a per-leaf ``all(isfinite)`` stacked
+    into a vector took the tiny train step's compile from 9 s to 82 s on the CPU)."""
+    sums = [jnp.sum(x.astype(jnp.float32) * 0.0) for x in jax.tree.leaves(tree) if _inexact(x)]
+    return jnp.isfinite(sum(sums)) if sums else jnp.asarray(True)
 
 
 def nonfinite_paths(tree, limit: int = 5) -> list[str]:
@@ -60,8 +63,8 @@ def nonfinite_paths(tree, limit: int = 5) -> list[str]:
 
 
 def keep_if(ok, new, old):
-    """``new`` where the scalar ``ok`` is true, else ``old`` (leaf by leaf)."""
-    return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    """``new`` if the scalar ``ok`` is true, else ``old`` (one ``lax.cond`` over the trees)."""
+    return jax.lax.cond(ok, lambda: new, lambda: old)
 
 
 class SkipMonitor:

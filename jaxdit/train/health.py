@@ -90,9 +90,6 @@ class SkipMonitor:
         """``(total skipped, current streak, first skipped step or 0)`` (one host sync)."""
         return tuple(int(x) for x in jax.device_get((self.total, self.run, self.first)))
 
-    def in_streak(self) -> bool:
-        return self.state()[1] > 0
-
     def where(self) -> str:
         """`` first non-finite step N; last good checkpoint: step M`` for messages."""
         first = self.state()[2]

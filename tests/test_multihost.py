@@ -50,10 +50,11 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
     assert os.path.exists(os.path.join(wd, "samples", "step_0000002.png"))
     os.remove(os.path.join(wd, "samples", "step_0000002.png"))
     # A new pair restores the sharded state (params, optimizer, data iterators of both
-    # hosts) and samples from it; resuming then training is covered on one host.
-    second = _run_pair(wd, steps=2)
+    # hosts), trains one more step, saves and samples from it.
+    second = _run_pair(wd, steps=3)
     assert all("Resumed from checkpoint step 2" in out for out in second)
-    assert os.path.exists(os.path.join(wd, "samples", "step_0000002.png"))
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "3"]
+    assert os.path.exists(os.path.join(wd, "samples", "step_0000003.png"))
     with open(os.path.join(wd, "metrics.jsonl"), encoding="utf-8") as f:
         steps = [json.loads(line)["step"] for line in f if '"loss"' in line]
-    assert steps == [1, 2]  # only the first process writes metrics
+    assert steps == [1, 2, 3]  # only the first process writes metrics

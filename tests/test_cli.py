@@ -34,6 +34,11 @@ def test_train_then_sample_from_checkpoint(tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
     assert any("val/loss" in r for r in rows)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(wd, "tb")))
+    # The same command again: the run is finished; it says so and changes nothing.
+    again = _run(["jaxdit.train", "--config", "experiments/dit_air.py:tiny", "--workdir", wd,
+                  "--config.train.steps=3", "--config.model.depth=1"], tmp_path)
+    assert "already finished" in again and "raise --config.train.steps" in again
+    assert os.listdir(os.path.join(wd, "checkpoints")) == ["3"]
 
     png = str(tmp_path / "grid.png")
     out = _run(["jaxdit.sample", "--workdir", wd, "--prompt", "a red circle",

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdit.train.checkpoint import Checkpointer
+from jaxdit.train.checkpoint import CheckpointError, Checkpointer, IncompatibleCheckpoint
 from jaxdit.train.health import SkipMonitor, TrainingDiverged, nonfinite_paths
 from jaxdit.train.loop import Experiment, save_checkpoint, train_and_evaluate, write_samples
 from tests.helpers import fixed_batch, tiny_config
@@ -169,3 +169,37 @@ def test_cli_refuses_a_nan_learning_rate_in_one_line_and_writes_nothing(tmp_path
     assert proc.stderr.strip().splitlines()[-1] == (
         "Error: optim.lr must be a finite number > 0, got nan.")
     assert "Traceback" not in proc.stderr and not wd.exists()
+
+
+def test_a_resume_with_another_model_is_refused_and_touches_nothing(tmp_path, capsys):
+    """A workdir trained at depth 1, rerun at depth 2: refused with the field that differs,
+    every checkpoint kept as it was; the original config then resumes from it. A workdir
+    whose only checkpoint is unreadable is refused too, with nothing moved aside."""
+    def config(steps, depth=1):
+        cfg = tiny_config(steps=steps, ckpt_every=2)
+        cfg.model.depth = depth
+        cfg.sampler.num_samples = 0
+        return cfg
+
+    wd = str(tmp_path / "wd")
+    devices = jax.devices()[:2]
+    train_and_evaluate(config(2), wd, devices)
+    ckdir = os.path.join(wd, "checkpoints")
+    with pytest.raises(IncompatibleCheckpoint, match=r"model.depth 1 in the checkpoint, 2 in "
+                       r"the config.*Nothing was changed"):
+        train_and_evaluate(config(4, depth=2), wd, devices)
+    assert sorted(os.listdir(ckdir)) == ["2"]
+    assert train_and_evaluate(config(3), wd, devices)["checkpoint_step"] == 3
+    assert "Resumed from checkpoint step 2" in capsys.readouterr().out
+    assert sorted(os.listdir(ckdir)) == ["2", "3"]
+
+    lone = str(tmp_path / "lone")
+    train_and_evaluate(config(2), lone, devices)
+    for root, _, files in os.walk(os.path.join(lone, "checkpoints", "2", "state")):
+        for f in files:
+            if not f.startswith("_"):  # keep the metadata: the arrays are what is damaged
+                with open(os.path.join(root, f), "r+b") as fh:
+                    fh.truncate(os.path.getsize(fh.name) // 3)
+    with pytest.raises(CheckpointError, match="nothing was moved or deleted"):
+        train_and_evaluate(config(4), lone, devices)
+    assert sorted(os.listdir(os.path.join(lone, "checkpoints"))) == ["2"]

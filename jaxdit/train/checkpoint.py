@@ -11,6 +11,7 @@ import logging
 import os
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -19,6 +20,50 @@ from jaxdit.config_lib import with_defaults
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory is missing, empty or unreadable."""
+
+
+class IncompatibleCheckpoint(CheckpointError):
+    """A readable checkpoint whose parameters do not fit the config's model (another
+    depth, width or family): refused, and nothing in the workdir is touched."""
+
+
+# Config sections whose fields decide the parameter tree; named in an incompatibility.
+STRUCTURE_SECTIONS = ("model", "moe", "text", "latent")
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+                    for k in path)
+
+
+def param_shapes(tree) -> dict[str, tuple]:
+    """``{"a/b/kernel": shape}`` of the arrays (or array metadata) in ``tree``."""
+    return {_path_str(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def shape_differences(saved: dict, wanted: dict, limit: int = 3) -> list[str]:
+    """Up to ``limit`` readable differences between two :func:`param_shapes` dicts."""
+    out = [f"{k} {saved[k]} in the checkpoint, {wanted[k]} in the model"
+           for k in sorted(saved.keys() & wanted.keys()) if saved[k] != wanted[k]]
+    out += [f"{k} missing from the checkpoint" for k in sorted(wanted.keys() - saved.keys())]
+    out += [f"{k} only in the checkpoint" for k in sorted(saved.keys() - wanted.keys())]
+    more = len(out) - limit
+    return out[:limit] + ([f"{more} more"] if more > 0 else [])
+
+
+def config_differences(saved: ml_collections.ConfigDict, config) -> list[str]:
+    """``"model.depth 4 in the checkpoint, 6 in the config"`` for each field of
+    :data:`STRUCTURE_SECTIONS` that differs."""
+    out = []
+    for section in STRUCTURE_SECTIONS:
+        old, new = saved.get(section, {}), config.get(section, {})
+        for key in sorted(set(old) | set(new)):
+            a, b = old.get(key), new.get(key)
+            if (list(a) if isinstance(a, (list, tuple)) else a) != (
+                    list(b) if isinstance(b, (list, tuple)) else b):
+                out.append(f"{section}.{key} {a!r} in the checkpoint, {b!r} in the config")
+    return out
 
 
 class Checkpointer:
@@ -60,20 +105,69 @@ class Checkpointer:
             raise CheckpointError(f"Could not restore step {step} from {self.directory}: {e}") from e
         return out["state"], step
 
-    def restore_latest_valid(self, abstract_state, data_iterator=None):
-        """Restores the newest readable step. A step that fails to restore (corrupt or
-        partial files) is moved aside to ``<step>.corrupt`` with a warning, nothing is
-        deleted, and the next older step is tried. Returns ``(state, step)``."""
-        for step in sorted(self.all_steps(), reverse=True):
+    def saved_param_shapes(self, step: int) -> dict[str, tuple] | None:
+        """:func:`param_shapes` of step ``step``'s saved params, or None when its metadata
+        cannot be read (damage: the restore then fails and says why)."""
+        path = os.path.join(self.directory, str(step), "state")
+        try:
+            meta = ocp.StandardCheckpointer().metadata(path)
+            tree = getattr(meta, "item_metadata", meta)
+            tree = getattr(tree, "tree", tree)
+            return param_shapes(tree["params"])
+        except Exception:  # pylint: disable=broad-except
+            return None
+
+    def check_compatible(self, step: int, abstract_state, config=None) -> None:
+        """Raises :class:`IncompatibleCheckpoint` when step ``step`` holds params of
+        another shape or tree than ``abstract_state``'s, naming the config fields and the
+        parameters that differ; a step whose metadata is unreadable passes (see
+        :meth:`saved_param_shapes`)."""
+        saved = self.saved_param_shapes(step)
+        if saved is None:
+            return
+        wanted = param_shapes(abstract_state.params)
+        if saved == wanted:
+            return
+        what = []
+        if config is not None:
             try:
-                return self.restore(abstract_state, data_iterator, step)
+                what = config_differences(self.restore_config(step), config)
+            except Exception:  # pylint: disable=broad-except
+                what = []
+        what = what or shape_differences(saved, wanted)
+        raise IncompatibleCheckpoint(
+            f"The checkpoint at step {step} in {self.directory} does not fit this config's "
+            f"model ({'; '.join(what)}). Nothing was changed. Resume it with its own config "
+            "(config.json beside checkpoints/), or start a new --workdir (with "
+            "--config.train.init_params_from=<this workdir> to start from its weights when "
+            "the shapes fit).")
+
+    def restore_latest_valid(self, abstract_state, data_iterator=None, config=None):
+        """Restores the newest readable step. Every step is first checked against the
+        model (:meth:`check_compatible`: a mismatch is refused, nothing touched). A step
+        that fails to restore (corrupt or partial files) is moved aside to
+        ``<step>.corrupt`` with a warning, but only once an older step has restored:
+        without a good copy nothing is moved. Returns ``(state, step)``."""
+        unreadable = []
+        for step in sorted(self.all_steps(), reverse=True):
+            self.check_compatible(step, abstract_state, config)
+            try:
+                state, step = self.restore(abstract_state, data_iterator, step)
+            except IncompatibleCheckpoint:
+                raise
             except CheckpointError as e:
-                aside = self._move_aside(step)
-                msg = (f"WARNING: checkpoint step {step} is unreadable; moved it to {aside} "
-                       f"and trying an older step. Cause: {str(e)[:300]}")
+                unreadable.append((step, e))
+                continue
+            for bad, e in unreadable:
+                aside = self._move_aside(bad)
+                msg = (f"WARNING: checkpoint step {bad} is unreadable; moved it to {aside} "
+                       f"and resumed from step {step}. Cause: {str(e)[:300]}")
                 logging.warning(msg)
                 print(msg, flush=True)
-        raise CheckpointError(f"No readable checkpoint in {self.directory}.")
+            return state, step
+        causes = "; ".join(f"step {st}: {str(e)[:200]}" for st, e in unreadable)
+        raise CheckpointError(f"No readable checkpoint in {self.directory}; nothing was moved "
+                              f"or deleted ({causes}).")
 
     def _move_aside(self, step: int) -> str:
         src = os.path.join(self.directory, str(step))

@@ -368,7 +368,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     try:
         with exp.context():
             if ckpt.latest_step() is not None:
-                state, start = ckpt.restore_latest_valid(exp.abstract_state(), train_iter)
+                state, start = ckpt.restore_latest_valid(exp.abstract_state(), train_iter, cfg)
                 skips.last_good_checkpoint = start
                 log.info("Resumed from step %d", start)
                 print(f"Resumed from checkpoint step {start} in {ckpt.directory}", flush=True)

@@ -92,3 +92,12 @@ def test_race_dit_trains_and_samples_by_label(tmp_path):
     assert Image.open(png).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
     assert "a green square" in open(png.replace(".png", ".txt"), encoding="utf-8").read()
 
+
+    # A label that is not a class: refused in one line, no traceback, nothing written.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    bad = subprocess.run([sys.executable, "-m", "jaxdit.sample", "--workdir", wd, "--label", "18",
+                          "--out", str(tmp_path / "bad.png")], cwd=REPO, capture_output=True,
+                         text=True, timeout=300, env={**env, "JAX_PLATFORMS": "cpu"})
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr + bad.stdout
+    assert "--label 18 is not a class of this checkpoint: labels run from 0 to 17" in bad.stderr
+    assert not os.path.exists(tmp_path / "bad.png")

@@ -70,6 +70,14 @@ def main(argv):
     if not wanted:
         raise app.UsageError("This checkpoint is " + ("class-conditional: pass --label."
                              if class_cond else "text-conditional: pass --prompt."))
+    if class_cond:
+        classes = config.model.num_classes
+        bad = [label for label in wanted if not 0 <= label < classes]
+        if bad:
+            raise app.UsageError(f"--label {bad[0]} is not a class of this checkpoint: labels "
+                                 f"run from 0 to {classes - 1}.")
+    if FLAGS.num_per_prompt < 1:
+        raise app.UsageError(f"--num_per_prompt must be at least 1, got {FLAGS.num_per_prompt}.")
     config.mesh = {"data": 1}  # sample on one device
     config.train.batch_size = 1
     config.optim.grad_accum = 1

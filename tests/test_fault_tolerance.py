@@ -169,6 +169,16 @@ def test_cli_refuses_a_nan_learning_rate_in_one_line_and_writes_nothing(tmp_path
     assert proc.stderr.strip().splitlines()[-1] == (
         "Error: optim.lr must be a finite number > 0, got nan.")
     assert "Traceback" not in proc.stderr and not wd.exists()
+    # A config file that is not there: one line too (ml_collections alone prints two
+    # chained tracebacks).
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxdit.train", "--config", "experiments/no_such.py:tiny",
+         "--workdir", str(wd)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and not wd.exists()
+    assert proc.stderr.strip().splitlines() == [
+        "Error: cannot load the config file 'experiments/no_such.py' (from --config "
+        "experiments/no_such.py:tiny): no such file, or it does not import; use "
+        "path.py:<arg>, e.g. experiments/dit_air.py:tiny."]
 
 
 def test_a_resume_with_another_model_is_refused_and_touches_nothing(tmp_path, capsys):

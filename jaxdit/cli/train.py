@@ -37,7 +37,16 @@ def main(argv):
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     jax.config.update("jax_threefry_partitionable", True)  # sharding-invariant random bits
     try:
-        result = train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        config = FLAGS.config
+        config.model  # pylint: disable=pointless-statement
+    except OSError:  # ml_collections defers a failed load to the first attribute access
+        spec = FLAGS["config"].serialize().partition("=")[2] or "?"
+        print(f"Error: cannot load the config file {spec.split(':')[0]!r} (from --config "
+              f"{spec}): no such file, or it does not import; use path.py:<arg>, e.g. "
+              "experiments/dit_air.py:tiny.", file=sys.stderr, flush=True)
+        sys.exit(1)
+    try:
+        result = train_and_evaluate(config, FLAGS.workdir)
     except USER_ERRORS as e:
         if os.environ.get("JAXDIT_DEBUG"):
             raise

@@ -199,6 +199,8 @@ def test_a_resume_with_another_model_is_refused_and_touches_nothing(tmp_path, ca
                        r"the config.*Nothing was changed"):
         train_and_evaluate(config(4, depth=2), wd, devices)
     assert sorted(os.listdir(ckdir)) == ["2"]
+    with open(os.path.join(wd, "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["model"]["depth"] == 1  # the run's own config, as the error says
     assert train_and_evaluate(config(3), wd, devices)["checkpoint_step"] == 3
     assert "Resumed from checkpoint step 2" in capsys.readouterr().out
     assert sorted(os.listdir(ckdir)) == ["2", "3"]

@@ -354,9 +354,6 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     os.makedirs(workdir, exist_ok=True)
     cfg = config
     is_main = jax.process_index() == 0
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(cfg.to_json_best_effort(indent=2))
     per_host = cfg.train.batch_size // jax.process_count()
     train_ds = make_dataset(cfg, "train", per_host, process_index=jax.process_index(),
                             process_count=jax.process_count())
@@ -376,11 +373,14 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
                 state, start = exp.create_state(), 0
                 if cfg.train.init_params_from:
                     state = init_params(state, exp, cfg.train.init_params_from)
-            if start >= cfg.train.steps:
+            if start >= cfg.train.steps:  # restored first: a damaged last step is redone
                 print(f"The run in {workdir} already finished: its checkpoint is at step {start} "
                       f"of train.steps={cfg.train.steps}. Nothing to train; raise "
                       "--config.train.steps to continue it.", flush=True)
                 return {"checkpoint_step": start, "already_finished": True}
+            if is_main:  # only once the workdir's checkpoint (if any) fits this config
+                with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                    f.write(cfg.to_json_best_effort(indent=2))
             n_params = count_params(state.params)
             print(f"Model {cfg.model.family}: {n_params / 1e6:.2f}M params | mesh "
                   f"{dict(exp.mesh.shape)} | global batch {cfg.train.batch_size}", flush=True)

@@ -24,7 +24,7 @@ class Dense(nn.Dense):
 
     The same result and parameters as ``nn.Dense`` (the class keeps its name, so auto-named
     layers keep theirs); XLA:CPU runs the backward of a 3-D ``(B, L, in)`` dense up to 2.5x
-    slower than that of the flattened one (the tiny DiT's train step: 225 -> 123 ms on 2
+    slower than that of the flattened one (the tiny DiT's train step: 225 -> 120 ms on 2
     cores, ``docs/performance.md``). Elsewhere the reshape is free."""
 
     def __call__(self, inputs):

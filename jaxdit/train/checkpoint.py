@@ -153,8 +153,6 @@ class Checkpointer:
             self.check_compatible(step, abstract_state, config)
             try:
                 state, step = self.restore(abstract_state, data_iterator, step)
-            except IncompatibleCheckpoint:
-                raise
             except CheckpointError as e:
                 unreadable.append((step, e))
                 continue

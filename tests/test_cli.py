@@ -10,10 +10,14 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(args, tmp_path):
+def _env():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
+    return env
+
+
+def _run(args, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=_env(), capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc.stdout
@@ -92,12 +96,10 @@ def test_race_dit_trains_and_samples_by_label(tmp_path):
     assert Image.open(png).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
     assert "a green square" in open(png.replace(".png", ".txt"), encoding="utf-8").read()
 
-
     # A label that is not a class: refused in one line, no traceback, nothing written.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     bad = subprocess.run([sys.executable, "-m", "jaxdit.sample", "--workdir", wd, "--label", "18",
                           "--out", str(tmp_path / "bad.png")], cwd=REPO, capture_output=True,
-                         text=True, timeout=300, env={**env, "JAX_PLATFORMS": "cpu"})
+                         text=True, timeout=300, env=_env())
     assert bad.returncode != 0 and "Traceback" not in bad.stderr + bad.stdout
     assert "--label 18 is not a class of this checkpoint: labels run from 0 to 17" in bad.stderr
     assert not os.path.exists(tmp_path / "bad.png")

@@ -16,6 +16,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from jaxdit.config_lib import with_defaults
+from jaxdit.train.state import path_names
 
 
 class CheckpointError(RuntimeError):
@@ -31,14 +32,9 @@ class IncompatibleCheckpoint(CheckpointError):
 STRUCTURE_SECTIONS = ("model", "moe", "text", "latent")
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                    for k in path)
-
-
 def param_shapes(tree) -> dict[str, tuple]:
     """``{"a/b/kernel": shape}`` of the arrays (or array metadata) in ``tree``."""
-    return {_path_str(path): tuple(leaf.shape)
+    return {"/".join(map(str, path_names(path))): tuple(leaf.shape)
             for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 

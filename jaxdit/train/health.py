@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdit.train.state import path_names
+
 log = logging.getLogger("jaxdit")
 
 
@@ -58,8 +60,7 @@ def nonfinite_paths(tree, limit: int = 5) -> list[str]:
         return []
     ok = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in flat])
     bad = [p for (p, _), good in zip(flat, ok) if not good]
-    return ["/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-                     for k in p) for p in bad[:limit]]
+    return ["/".join(map(str, path_names(p))) for p in bad[:limit]]
 
 
 def keep_if(ok, new, old):

@@ -45,8 +45,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         family="dit_air", depth=4, width=128, num_heads=4, patch_size=4, mlp_ratio=4.0,
         share="none", adaln="per_layer", qk_norm=True, sandwich=True, adaln_layer_offset=True,
-        pos_embed_max_size=144, text_hidden_ratio=4.0, attn_impl="xla", remat="none",
-        dtype="float32", param_dtype="float32", num_classes=0,
+        pos_embed_max_size=144, text_hidden_ratio=4.0, attn_impl="xla",
+        # nn.scan over each block stack (params stacked on a leading "layers" axis): the
+        # compiler sees one block, so compile time does not grow with depth. Scanned, "full"
+        # remat (keep each block's input only) is also the fastest on CPU: the scan then
+        # stores no per-layer activations (docs/performance.md).
+        scan_layers=True, remat="full", dtype="float32", param_dtype="float32", num_classes=0,
         # PixArt-alpha / MMDiT: "dit_air" (the DiT-Air paper's variants) or "original" (as
         # published: diffusers PixArtTransformer2DModel / SD3Transformer2DModel weights);
         # PixArt-alpha's sin-cos position scaling and size micro-conditions (pixels per

@@ -190,9 +190,9 @@ def test_param_counts_match_the_paper_and_stay_close_to_dit(size):
     # learned positions, the rough head), the grain transformer ~10M
     assert 0 < counts["denoiser"] - dit_count < 0.015 * dit_count
     assert counts["grain_model"] < 11e6
-    blocks = {k.split("_")[0] for k in shapes["denoiser"] if k[-1].isdigit()}
-    assert blocks == {"block", "refine"}
-    assert sum(k.startswith("refine_") for k in shapes["denoiser"]) == 2
+    den = shapes["denoiser"]
+    assert {k for k in den if k.endswith("_scan")} == {"block_scan", "refine_scan"}
+    assert den["refine_scan"]["attn"]["qkv"]["q"]["kernel"].shape[0] == 2  # the 10+2 of B
     if size in PAPER_PARAMS:
         assert abs(counts["total"] - PAPER_PARAMS[size]) < 0.01 * PAPER_PARAMS[size]
         assert abs(dit_count - DIT_PARAMS[size]) < 0.005 * DIT_PARAMS[size]

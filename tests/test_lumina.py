@@ -38,8 +38,9 @@ def test_param_counts_of_official_configs(size, expected):
     n = _count(params)
     if size == "2B":
         assert n == expected, f"{n:,}"
-        assert params["layer_0"]["ffn"]["w1"]["kernel"].shape == (2304, 9216)
-        assert params["layer_0"]["attn"]["qkv"]["qkv_kernel"].shape == (2304, 8, 5, 96)
+        layers = params["layer_scan"]  # 26 joint blocks, stacked on a leading layer axis
+        assert layers["ffn"]["w1"]["kernel"].shape == (26, 2304, 9216)
+        assert layers["attn"]["qkv"]["qkv_kernel"].shape == (26, 2304, 8, 5, 96)
     else:
         assert abs(n / expected - 1) < 0.005, f"{size}: {n:,}"
 

@@ -94,6 +94,7 @@ class Denoiser(nn.Module):
     text_hidden_ratio: float = 4.0
     attn_impl: str = "xla"
     remat: bool | str = False
+    scan_layers: bool = False  # nn.scan over each block stack (see jaxdit.models.stack)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -21,6 +21,8 @@ from typing import Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxdit.models.stack import stack_flat_like
+
 BLOCK_GROUPS = {"layers": "layer", "noise_refiner": "noise_refiner",
                 "context_refiner": "context_refiner"}
 
@@ -124,6 +126,7 @@ def lumina_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *,
 def _check_and_unflatten(out: dict, expected):
     """``out`` ("a/b/c" -> array) against the ``expected`` tree; every problem at once."""
     flat_expected = {"/".join(k): v for k, v in flatten_dict(expected).items()}
+    out = stack_flat_like(out, flat_expected)  # scanned models: blocks on a layer axis
     problems = [f"missing {k} {tuple(v.shape)}" for k, v in flat_expected.items() if k not in out]
     problems += [f"unexpected {k}" for k in out if k not in flat_expected]
     problems += [f"{k}: shape {out[k].shape} != expected {tuple(flat_expected[k].shape)}"

@@ -114,7 +114,7 @@ def pixart_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, pat
             linear(path, name)
     for i in range(_num_blocks(sd)):
         pre = f"transformer_blocks.{i}"
-        out[f"scale_shift_table_{i}"] = sd[f"{pre}.scale_shift_table"]
+        out[f"block_{i}/scale_shift_table"] = sd[f"{pre}.scale_shift_table"]
         used.add(f"{pre}.scale_shift_table")
         for hf, ours in {**ATTN, "to_out.0": "out/proj"}.items():
             linear(f"block_{i}/attn/{'qkv/' if hf in ATTN else ''}{ours}", f"{pre}.attn1.{hf}")
@@ -184,9 +184,9 @@ def sd3_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, patch_
         linear(path, name)
     for i in range(_num_blocks(sd)):
         pre = f"transformer_blocks.{i}"
-        linear(f"adaln_image_{i}/proj", f"{pre}.norm1.linear")
+        linear(f"block_{i}/adaln_image/proj", f"{pre}.norm1.linear")
         pre_only = f"{pre}.attn.to_add_out.weight" not in sd  # SD3's last block
-        linear(f"adaln_text_{i}/proj", f"{pre}.norm1_context.linear", swap=pre_only)
+        linear(f"block_{i}/adaln_text/proj", f"{pre}.norm1_context.linear", swap=pre_only)
         for stream, names in (("image", ATTN), ("text", SD3_TEXT_ATTN)):
             for hf, ours in names.items():
                 linear(f"block_{i}/{stream}/qkv/{ours}", f"{pre}.attn.{hf}")

@@ -49,6 +49,7 @@ from jaxdit.models.dvae import DVAE, fine_mask, upsample2
 from jaxdit.models.layers import (ConditionEmbedder, FinalLayer, PatchEmbed, dense, patchify,
                                   sincos_2d)
 from jaxdit.models.race_dit import DiTBlock
+from jaxdit.models.stack import apply_stack
 from jaxdit.models.vae import latent_scale_param
 
 Dtype = Any
@@ -80,6 +81,7 @@ class GrainTransformer(nn.Module):
     num_classes: int = 0
     mlp_ratio: float = 4.0
     attn_impl: str = "xla"
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -95,8 +97,7 @@ class GrainTransformer(nn.Module):
                               **kw)(mask_ratio, label=label if self.num_classes else None)
         opts = dict(width=self.width, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
                     qk_norm=False, sandwich=False, attn_impl=self.attn_impl, **kw)
-        for i in range(self.depth):
-            x = DiTBlock(name=f"block_{i}", **opts)(x, c)
+        x = apply_stack(DiTBlock, self.depth, "block", x, c, scan=self.scan_layers, **opts)
         return FinalLayer(2, name="head", **kw)(x, c).astype(jnp.float32)
 
 
@@ -106,8 +107,9 @@ class DynamicContentTransformer(Denoiser):
     num_classes: int = 0
     refine_depth: int = 2
 
-    def block(self, name):
-        return self.block_class(DiTBlock)(name=name, **self.block_options())
+    def blocks(self, prefix: str, n: int, tokens, c):
+        return apply_stack(DiTBlock, n, prefix, tokens, c, scan=self.scan_layers,
+                           remat=self.remat, **self.block_options())
 
     @nn.compact
     def __call__(self, x, t, cond):
@@ -135,16 +137,14 @@ class DynamicContentTransformer(Denoiser):
         label = jnp.where(cond["label"] < 0, self.num_classes, cond["label"])
         c = ConditionEmbedder(self.width, num_classes=self.num_classes, name="cond_embed",
                               **self.kw)(t, label=label)
-        for i in range(self.depth - self.refine_depth):
-            tokens = self.block(f"block_{i}")(tokens, c)
+        tokens = self.blocks("block", self.depth - self.refine_depth, tokens, c)
         rough = FinalLayer(ch, name="rough_head", **self.kw)(tokens, c)
         out = upsample2(rough.reshape(b, hh // 2, ww // 2, ch).astype(jnp.float32))
         if self.refine_depth:
             detail_in = dense(self.width, ("patch", "embed"), name="detail_embed",
                               **self.kw)(patchify(x, 2))
             r = tokens + jnp.where(is_fine, detail_in, 0).astype(self.dtype)
-            for i in range(self.refine_depth):
-                r = self.block(f"refine_{i}")(r, c)
+            r = self.blocks("refine", self.refine_depth, r, c)
             detail = self.predict(r, c, x.shape)  # "final" head, (B, H, W, C)
             out = out + fine_mask(cond["grain"]) * detail
         return out

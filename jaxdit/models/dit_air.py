@@ -20,6 +20,7 @@ DiT-Air-Lite: ``share="full"`` reuses one block (attention + MLP) N times;
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -29,6 +30,7 @@ from jaxdit.models.attention import SelfAttention
 from jaxdit.models.base import Block, Denoiser
 from jaxdit.models.layers import (AdaLNModulation, LayerNorm, Mlp, RMSNorm, grid_positions,
                                   modulate, rope_tables)
+from jaxdit.models.stack import apply_stack
 
 Dtype = Any
 SHARE_MODES = ("none", "full", "attention")
@@ -67,15 +69,42 @@ class SandwichResidual(nn.Module):
         return x + gate * h
 
 
+def layer_modulation(text_mod, image_mod, offset, num_text: int, num_image: int, dtype):
+    """The 6 per-token modulations ``(B, L+N, d)`` of one layer: the shared text / image
+    chunks (6 of ``(B, 1, d)`` each) plus that layer's ``offset`` (2, 6, d) or None."""
+    mods = []
+    for k in range(6):
+        tm, im = text_mod[k], image_mod[k]
+        if offset is not None:
+            tm, im = tm + offset[0, k].astype(dtype), im + offset[1, k].astype(dtype)
+        mods.append(stream_select(tm, im, num_text, num_image))
+    return mods
+
+
 class AirBlock(Block):
-    """One DiT-Air block over the joint sequence. ``mods`` = 6 per-token ``(B, S, d)`` arrays
-    (shift/scale/gate for attention, then for the MLP). ``attn`` may be a shared module."""
-    attn: nn.Module | None = None
+    """One DiT-Air block over the joint sequence ``x`` (B, L+N, d), ``L = num_text``.
+
+    ``__call__(x, stream_mods, offset, key_mask, rope, attn_params)``: ``stream_mods`` =
+    (text, image) chunks of the shared modulation, ``offset`` this layer's (2, 6, d) or None
+    (see :func:`layer_modulation`). ``shared_attention``: the attention weights are
+    ``attn_params`` (DiT-Air-Lite, one attention for all layers), not this block's own.
+    """
+    num_text: int = 0
+    shared_attention: bool = False
+
+    def attention(self, **module_kw) -> SelfAttention:
+        """This block's attention; ``parent=None`` gives an unbound definition."""
+        return SelfAttention(self.num_heads, self.head_dim, qk_norm=self.qk_norm,
+                             impl=self.attn_impl, **module_kw, **self.kw)
 
     @nn.compact
-    def __call__(self, x, mods, key_mask, rope):
-        attn = self.attn or SelfAttention(self.num_heads, self.head_dim, qk_norm=self.qk_norm,
-                                          impl=self.attn_impl, name="attn", **self.kw)
+    def __call__(self, x, stream_mods, offset, key_mask, rope, attn_params=None):
+        mods = layer_modulation(*stream_mods, offset, self.num_text, x.shape[1] - self.num_text,
+                                self.dtype)
+        if self.shared_attention:
+            attn = functools.partial(self.attention(parent=None).apply, {"params": attn_params})
+        else:
+            attn = self.attention(name="attn")
         mlp = Mlp(int(self.width * self.mlp_ratio), name="mlp", **self.kw)
         x = SandwichResidual(self.sandwich, name="attn_res", **self.kw)(
             x, lambda h: attn(h, key_mask, rope), *mods[:3])
@@ -89,20 +118,6 @@ class DiTAir(Denoiser):
     adaln_layer_offset: bool = True
     rope_theta: float = 10000.0
 
-    def _blocks(self):
-        if self.share not in SHARE_MODES:
-            raise ValueError(f"share must be one of {SHARE_MODES}, got {self.share!r}.")
-        block_cls = self.block_class(AirBlock)
-        if self.share == "full":
-            return [block_cls(name="shared_block", **self.block_options())] * self.depth
-        shared_attn = None
-        if self.share == "attention":
-            shared_attn = SelfAttention(self.num_heads, self.width // self.num_heads,
-                                        qk_norm=self.qk_norm, impl=self.attn_impl,
-                                        name="shared_attn", **self.kw)
-        return [block_cls(attn=shared_attn, name=f"block_{i}", **self.block_options())
-                for i in range(self.depth)]
-
     def _layer_offsets(self):
         if not self.adaln_layer_offset:
             return None
@@ -111,8 +126,17 @@ class DiTAir(Denoiser):
                                                        ("layers", None, None, "embed")),
                           (self.depth, 2, 6, self.width), self.param_dtype)
 
+    def _shared_attention_params(self, block: AirBlock):
+        """DiT-Air-Lite's one attention (``shared_attn``), created here and passed to every
+        layer, so a scanned stack broadcasts it instead of stacking it."""
+        attn_def = block.attention(parent=None).clone(impl="xla")  # shapes only: any length
+        x = jnp.zeros((1, 1, self.width), self.dtype)
+        return self.param("shared_attn", lambda rng: attn_def.init(rng, x)["params"])
+
     @nn.compact
     def __call__(self, x, t, cond):
+        if self.share not in SHARE_MODES:
+            raise ValueError(f"share must be one of {SHARE_MODES}, got {self.share!r}.")
         img, txt, text_mask, cvec = self.embed_inputs(x, t, cond)
         b, num_text, num_img = x.shape[0], txt.shape[1], img.shape[1]
         seq = nn.with_logical_constraint(jnp.concatenate([txt, img], axis=1),
@@ -123,14 +147,13 @@ class DiTAir(Denoiser):
                           self.width // self.num_heads, self.rope_theta)
         text_mod = AdaLNModulation(self.width, 6, name="adaln_text", **self.kw)(cvec)
         image_mod = AdaLNModulation(self.width, 6, name="adaln_image", **self.kw)(cvec)
-        offsets = self._layer_offsets()
-        for i, block in enumerate(self._blocks()):
-            mods = []
-            for k in range(6):
-                tm, im = text_mod[k], image_mod[k]
-                if offsets is not None:
-                    tm = tm + offsets[i, 0, k].astype(self.dtype)
-                    im = im + offsets[i, 1, k].astype(self.dtype)
-                mods.append(stream_select(tm, im, num_text, num_img))
-            seq = block(seq, mods, key_mask, rope)
+        fields = dict(num_text=num_text, shared_attention=self.share == "attention",
+                      **self.block_options())
+        attn_params = None
+        if self.share == "attention":
+            attn_params = self._shared_attention_params(AirBlock(**fields, parent=None))
+        seq = apply_stack(AirBlock, self.depth, "block", seq, (text_mod, image_mod),
+                          self._layer_offsets(), key_mask, rope, attn_params,
+                          in_axes=(None, 0), scan=self.scan_layers, remat=self.remat,
+                          shared=self.share == "full", **fields)
         return self.predict(seq[:, num_text:], cvec, x.shape)

@@ -48,6 +48,7 @@ from jaxdit.models.base import Block, Denoiser
 from jaxdit.models.layers import (AdaLNModulation, FinalLayer, RMSNorm, SwiGLU,
                                   TimestepEmbedder, dense, grid_positions, patchify,
                                   rope_tables, unpatchify)
+from jaxdit.models.stack import apply_stack
 
 
 def mrope_positions(text_mask, image_pos, image_mask=None):
@@ -131,12 +132,14 @@ class Lumina(Denoiser):
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
                              f"num_kv_heads={self.num_kv_heads}.")
 
-    def blocks(self, prefix: str, n: int, modulation: bool):
-        cls = self.block_class(LuminaBlock)
-        opts = dict(self.block_options(), num_kv_heads=self.num_kv_heads,
-                    ffn_hidden=SwiGLU.hidden_dim(self.width, self.ffn_multiple_of),
-                    modulation=modulation, norm_eps=self.norm_eps)
-        return [cls(name=f"{prefix}_{i}", **opts) for i in range(n)]
+    def blocks(self, prefix: str, n: int, modulation: bool, x, *args):
+        """``x`` through ``n`` :class:`LuminaBlock` s named ``{prefix}_*`` (see
+        :func:`~jaxdit.models.stack.apply_stack`)."""
+        return apply_stack(LuminaBlock, n, prefix, x, *args, scan=self.scan_layers,
+                           remat=self.remat, num_kv_heads=self.num_kv_heads,
+                           ffn_hidden=SwiGLU.hidden_dim(self.width, self.ffn_multiple_of),
+                           modulation=modulation, norm_eps=self.norm_eps,
+                           **self.block_options())
 
     def image_tokens(self, x, cond):
         """Patch features ``(B, N, p*p*C)``, their (row, col) ids and mask (None = all valid)."""
@@ -163,10 +166,10 @@ class Lumina(Denoiser):
         text_ids, image_ids = mrope_positions(text_mask, pos, image_mask)
         rope_text = rope_tables(text_ids, self.axes_dims, self.rope_theta)
         rope_image = rope_tables(image_ids, self.axes_dims, self.rope_theta)
-        for block in self.blocks("context_refiner", self.num_refiner_layers, False):
-            cap = block(cap, text_mask, rope_text)
-        for block in self.blocks("noise_refiner", self.num_refiner_layers, True):
-            img = block(img, image_mask, rope_image, temb)
+        cap = self.blocks("context_refiner", self.num_refiner_layers, False, cap, text_mask,
+                          rope_text)
+        img = self.blocks("noise_refiner", self.num_refiner_layers, True, img, image_mask,
+                          rope_image, temb)
 
         num_text = cap.shape[1]
         seq = nn.with_logical_constraint(jnp.concatenate([cap, img], axis=1),
@@ -174,8 +177,7 @@ class Lumina(Denoiser):
         valid_image = jnp.ones(img.shape[:2], bool) if image_mask is None else image_mask
         key_mask = jnp.concatenate([text_mask, valid_image], axis=1)
         rope = tuple(jnp.concatenate(pair, axis=1) for pair in zip(rope_text, rope_image))
-        for block in self.blocks("layer", self.depth, True):
-            seq = block(seq, key_mask, rope, temb)
+        seq = self.blocks("layer", self.depth, True, seq, key_mask, rope, temb)
         # Unused by the forward pass, as in the official model; kept so official checkpoints
         # load strictly and the parameter count matches (2,609,771,456 for 2B).
         self.param("norm_final", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),

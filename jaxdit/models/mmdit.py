@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from jaxdit.models.attention import OutProjection, QKVProjection, attention
 from jaxdit.models.base import Block, Denoiser, check_layout
 from jaxdit.models.layers import AdaLNModulation, LayerNorm, Mlp, RMSNorm, modulate, sincos_2d
+from jaxdit.models.stack import apply_stack
 
 ADALN_MODES = ("per_layer", "shared")
 
@@ -47,22 +48,29 @@ class StreamModules(Block):
 
 
 class MMDiTBlock(Block):
-    """Joint attention over both streams; ``mods_*`` are 6 ``(B, 1, d)`` arrays per stream
-    (shift, scale, gate for attention, then for the MLP). ``context_pre_only``: the text
-    stream only feeds keys/values (``mods_txt`` needs shift and scale) and is returned
-    unchanged."""
+    """Joint attention over both streams ``(txt (B, L, d), img (B, N, d))``, modulated by 6
+    ``(B, 1, d)`` chunks per stream (shift, scale, gate for attention, then for the MLP):
+    ``shared_mods`` (text, image) when the model shares one AdaLN, else this block's own
+    projections of ``cvec`` (B, d). ``context_pre_only``: the text stream only feeds
+    keys/values (its AdaLN gives shift and scale) and is returned unchanged."""
     context_pre_only: bool = False
 
+    def modulations(self, cvec):
+        text_chunks = 2 if self.context_pre_only else 6
+        return (AdaLNModulation(self.width, text_chunks, name="adaln_text", **self.kw)(cvec),
+                AdaLNModulation(self.width, 6, name="adaln_image", **self.kw)(cvec))
+
     @nn.compact
-    def __call__(self, txt, img, mods_txt, mods_img, key_mask):
+    def __call__(self, txt_img, cvec, shared_mods, key_mask):
         streams = (StreamModules(name="text", **self.options()),
                    StreamModules(name="image", **self.options()))
-        xs, mods = (txt, img), (mods_txt, mods_img)
+        mods = shared_mods or self.modulations(cvec)
+        xs = txt_img
         qkv = [s.qkv(modulate(LayerNorm(dtype=self.dtype)(x), m[0], m[1]))
                for s, x, m in zip(streams, xs, mods)]
         q, k, v = (jnp.concatenate([a[i] for a in qkv], axis=1) for i in range(3))
         out = attention(q, k, v, key_mask, impl=self.attn_impl)
-        n_txt = txt.shape[1]
+        n_txt = xs[0].shape[1]
         outs = (out[:, :n_txt], out[:, n_txt:])
         new = []
         for s, x, m, o in zip(streams, xs, mods, outs):
@@ -77,7 +85,8 @@ class MMDiTBlock(Block):
 
 class MMDiT(Denoiser):
     """MMDiT denoiser (contract in :mod:`jaxdit.models.base`); ``layout`` in the module
-    docstring."""
+    docstring. ``adaln="shared"`` uses one AdaLN pair (``adaln_text``/``adaln_image``) for
+    every block; ``"per_layer"`` gives each block its own."""
     adaln: str = "per_layer"
     pos_embed_max_size: int = 144
     layout: str = "dit_air"
@@ -89,20 +98,20 @@ class MMDiT(Denoiser):
         check_layout(self.layout)
         img, txt, text_mask, cvec = self.embed_inputs(x, t, cond)
         key_mask = jnp.concatenate([text_mask, jnp.ones(img.shape[:2], bool)], axis=1)
-
-        def modulations(suffix, text_chunks=6):
-            return (AdaLNModulation(self.width, text_chunks, name=f"adaln_text{suffix}",
-                                    **self.kw)(cvec),
-                    AdaLNModulation(self.width, 6, name=f"adaln_image{suffix}", **self.kw)(cvec))
-
-        shared = modulations("") if self.adaln == "shared" else None
-        block_cls = self.block_class(MMDiTBlock)
-        for i in range(self.depth):
-            pre_only = self.layout == "original" and i == self.depth - 1
-            mods_txt, mods_img = shared or modulations(f"_{i}", 2 if pre_only else 6)
-            txt, img = block_cls(name=f"block_{i}", context_pre_only=pre_only,
-                                 **self.block_options())(txt, img, mods_txt, mods_img, key_mask)
-        return self.predict(img, cvec, x.shape)
+        opts = self.block_options()
+        shared = None
+        if self.adaln == "shared":
+            shared = (AdaLNModulation(self.width, 6, name="adaln_text", **self.kw)(cvec),
+                      AdaLNModulation(self.width, 6, name="adaln_image", **self.kw)(cvec))
+        # layout="original" (SD3): the last block's text stream only feeds keys/values.
+        last_distinct = self.layout == "original"
+        streams = apply_stack(MMDiTBlock, self.depth - last_distinct, "block", (txt, img), cvec,
+                              shared, key_mask, scan=self.scan_layers, remat=self.remat, **opts)
+        if last_distinct:
+            block = self.block_class(MMDiTBlock)(name=f"block_{self.depth - 1}",
+                                                 context_pre_only=True, **opts)
+            streams = block(streams, cvec, shared, key_mask)
+        return self.predict(streams[1], cvec, x.shape)
 
     def image_positions(self, grid_h: int, grid_w: int):
         if not self.pos_embed_max_size:

@@ -26,16 +26,24 @@ import jax.numpy as jnp
 from jaxdit.models.attention import CrossAttention, SelfAttention
 from jaxdit.models.base import Block, Denoiser, check_layout
 from jaxdit.models.dit_air import SandwichResidual
+from jaxdit.models.stack import apply_stack
 from jaxdit.models.layers import (AdaLNModulation, LayerNorm, Mlp, TimestepEmbedder, dense,
                                   modulate, sincos_2d, zeros)
 
 class PixArtBlock(Block):
     """Self-attn (modulated) -> cross-attn to ``ctx`` -> MLP (modulated); ``cross_norm``:
-    LayerNorm before the cross-attention (the DiT-Air variant; PixArt-alpha has none)."""
+    LayerNorm before the cross-attention (the DiT-Air variant; PixArt-alpha has none).
+
+    ``shared_mods``: adaLN-single's 6 ``(B, 1, d)`` chunks, to which this block adds its own
+    zero-initialised ``scale_shift_table`` (6, d)."""
     cross_norm: bool = True
 
     @nn.compact
-    def __call__(self, x, mods, ctx, ctx_mask):
+    def __call__(self, x, shared_mods, ctx, ctx_mask):
+        table = self.param("scale_shift_table",
+                           nn.with_logical_partitioning(nn.initializers.zeros, (None, "embed")),
+                           (6, self.width), self.param_dtype)
+        mods = [m + table[k].astype(self.dtype) for k, m in enumerate(shared_mods)]
         attn = SelfAttention(self.num_heads, self.head_dim, qk_norm=self.qk_norm,
                              impl=self.attn_impl, name="attn", **self.kw)
         x = SandwichResidual(self.sandwich, name="attn_res", **self.kw)(x, attn, *mods[:3])
@@ -115,15 +123,9 @@ class PixArtAlpha(Denoiser):
             cvec = cvec + SizeEmbedder(self.width, name="size_embed", **self.kw)(
                 x.shape[1] * f, x.shape[2] * f, x.shape[0]).astype(cvec.dtype)
         shared = AdaLNModulation(self.width, 6, name="adaln_single", **self.kw)(cvec)
-        block_cls = self.block_class(PixArtBlock)
-        for i in range(self.depth):
-            table = self.param(f"scale_shift_table_{i}",
-                               nn.with_logical_partitioning(nn.initializers.zeros,
-                                                            (None, "embed")),
-                               (6, self.width), self.param_dtype)
-            mods = [m + table[k].astype(self.dtype) for k, m in enumerate(shared)]
-            img = block_cls(name=f"block_{i}", cross_norm=not original,
-                            **self.block_options())(img, mods, ctx, ctx_mask)
+        img = apply_stack(PixArtBlock, self.depth, "block", img, shared, ctx, ctx_mask,
+                          scan=self.scan_layers, remat=self.remat, cross_norm=not original,
+                          **self.block_options())
         if not original:
             return self.predict(img, cvec, x.shape)
         p = self.patch_size

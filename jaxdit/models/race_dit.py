@@ -22,6 +22,7 @@ from jaxdit.models.attention import SelfAttention
 from jaxdit.models.base import Block, Denoiser
 from jaxdit.models.layers import (AdaLNModulation, ConditionEmbedder, LayerNorm, Mlp, modulate,
                                   sincos_2d)
+from jaxdit.models.stack import apply_stack
 from jaxdit.moe.layer import MoEMlp
 
 
@@ -95,11 +96,10 @@ class RaceDiT(Denoiser):
         label = jnp.where(cond["label"] < 0, self.num_classes, cond["label"])
         c = ConditionEmbedder(self.width, num_classes=self.num_classes, name="cond_embed",
                               **self.kw)(t, label=label)
-        block_cls = self.block_class(DiTBlock)
         target_dim = self.patch_size ** 2 * self.out_channels
-        for i in range(self.depth):
-            tokens = block_cls(moe=self.moe, target_dim=target_dim, name=f"block_{i}",
-                               **self.block_options())(tokens, c)
+        tokens = apply_stack(DiTBlock, self.depth, "block", tokens, c, scan=self.scan_layers,
+                             remat=self.remat, moe=self.moe, target_dim=target_dim,
+                             **self.block_options())
         return self.predict(tokens, c, x.shape)
 
 

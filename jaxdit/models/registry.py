@@ -18,6 +18,7 @@ from jaxdit.models.lumina import Lumina
 from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
 from jaxdit.models.race_dit import MoESpec, RaceDiT
+from jaxdit.models.stack import TRANSIENT_COLLECTIONS
 from jaxdit.models.text import TextEncoder, pretrained_text_module
 from jaxdit.models.vae import KLAutoencoder, latent_scale_param
 from jaxdit.moe import experts, routing, topk
@@ -29,8 +30,6 @@ FAMILIES = ("dit_air", "pixart", "mmdit", "race_dit", "lumina", "d2it")
 AUTOENCODER_FAMILIES = ("kl_vae", "dvae")
 # Families conditioned on a class label (text.kind="none").
 CLASS_FAMILIES = ("race_dit", "d2it") + AUTOENCODER_FAMILIES
-# Collections a forward pass may write that are per-step outputs, not model state.
-TRANSIENT_COLLECTIONS = ("aux_loss", "deep_pred", "moe_metrics", "intermediates")
 
 
 def _dtype(name: str):
@@ -71,13 +70,13 @@ def build_denoiser(model_cfg, out_channels: int, moe_cfg=None) -> nn.Module:
                        num_classes=m.num_classes, patch_size=m.patch_size,
                        out_channels=out_channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
                        sandwich=m.sandwich, moe=moe_spec(moe_cfg), attn_impl=m.attn_impl,
-                       remat=m.remat,
+                       remat=m.remat, scan_layers=m.scan_layers,
                        dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
     common = dict(depth=m.depth, width=m.width, num_heads=m.num_heads, patch_size=m.patch_size,
                   out_channels=out_channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
                   sandwich=m.sandwich, attn_impl=m.attn_impl, remat=m.remat,
-                  text_hidden_ratio=m.text_hidden_ratio, dtype=_dtype(m.dtype),
-                  param_dtype=_dtype(m.param_dtype))
+                  scan_layers=m.scan_layers, text_hidden_ratio=m.text_hidden_ratio,
+                  dtype=_dtype(m.dtype), param_dtype=_dtype(m.param_dtype))
     if m.family == "dit_air":
         return DiTAir(share=m.share, adaln_layer_offset=m.adaln_layer_offset, **common)
     if m.family == "pixart":
@@ -176,9 +175,10 @@ def build_d2it(config) -> D2iT:
         depth=m.depth, width=m.width, num_heads=m.num_heads, patch_size=m.patch_size,
         out_channels=config.latent.channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
         sandwich=m.sandwich, attn_impl=m.attn_impl, remat=m.remat, num_classes=m.num_classes,
-        refine_depth=m.refine_depth, **dtypes)
+        refine_depth=m.refine_depth, scan_layers=m.scan_layers, **dtypes)
     grain = GrainTransformer(depth=d.grain_depth, width=d.grain_width, num_heads=d.grain_heads,
-                             num_classes=m.num_classes, attn_impl=m.attn_impl, **dtypes)
+                             num_classes=m.num_classes, attn_impl=m.attn_impl,
+                             scan_layers=m.scan_layers, **dtypes)
     return D2iT(build_autoencoder(config), grain, content)
 
 

@@ -8,14 +8,18 @@ import jax.numpy as jnp
 T_BINS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
-def _by_name(tree):
-    """``{name: [value per layer]}`` from a sown collection (each sow is a 1-tuple)."""
+def _by_name(tree, per_layer_shapes: dict):
+    """``{name: (layers, *shape)}`` from a sown collection: unrolled layers sow one value
+    each (1-tuples), a scanned stack sows them stacked on a leading layer axis.
+    ``per_layer_shapes[name]``: the shape of one layer's value (default scalar)."""
     out: dict[str, list] = {}
     flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, tuple))[0]
     for path, values in flat:
         name = path[-1].key
-        out.setdefault(name, []).extend(values if isinstance(values, tuple) else [values])
-    return out
+        shape = per_layer_shapes.get(name, ())
+        for v in (values if isinstance(values, tuple) else [values]):
+            out.setdefault(name, []).append(jnp.reshape(v, (-1,) + shape))
+    return {name: jnp.concatenate(vs) for name, vs in out.items()}
 
 
 def summarize(moe_metrics, t) -> dict:
@@ -23,8 +27,7 @@ def summarize(moe_metrics, t) -> dict:
     mean experts per token (over layers and tokens) of the samples whose ``t`` (B,) falls in
     each bin (NaN for a bin without samples in this batch)."""
     out = {}
-    for name, values in _by_name(moe_metrics).items():
-        stacked = jnp.stack(values)
+    for name, stacked in _by_name(moe_metrics, {"experts_per_token": t.shape}).items():
         if name == "experts_per_token":
             per_sample = stacked.mean(axis=0)  # (B,)
             out["moe/experts_per_token"] = per_sample.mean()

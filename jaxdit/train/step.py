@@ -122,6 +122,7 @@ def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
         loss = loss + cfg.moe.plr_weight * plr
     for path, value in jax.tree_util.tree_flatten_with_path(out.get("aux_loss", {}))[0]:
         name = f"aux/{path[-2].key}" if len(path) > 1 else "aux"
+        value = jnp.sum(value)  # a scanned stack sows its layers' values stacked
         metrics[name] = metrics.get(name, 0.0) + value
         loss = loss + value
     if out.get("moe_metrics"):

@@ -14,6 +14,7 @@ from jaxdit.kernels.flash_attention import BlockSizes, flash_attention
 from jaxdit.kernels.reference import xla_attention
 from jaxdit.kernels.splash import splash_attention
 from jaxdit.parallel.mesh import LOGICAL_RULES, make_mesh
+from jaxdit.train.aot import topology_devices
 
 SMALL = BlockSizes(16, 16, 16, 16)  # several blocks per sequence at test sizes
 FUSED = BlockSizes(16, 16, 16, 16, fused_bwd=True)  # dQ by atomics in the dK/dV kernel
@@ -204,7 +205,9 @@ def test_splash_lowers_for_tpu_per_shard(monkeypatch):
         q, k, k, mask).mlir_module()
     assert lower(fwd).count("tpu_custom_call") == 1
     assert lower(grads).count("tpu_custom_call") == 3  # forward, dQ, dK/dV
-    with jax.set_mesh(make_mesh(dict(data=4, tensor=2))), nn.logical_axis_rules(LOGICAL_RULES):
+    # The mesh says which platform the kernels are for: 8 chips of a v5p topology (libtpu).
+    tpu_mesh = make_mesh(dict(data=4, tensor=2), topology_devices("v5p:2x2x2"))
+    with jax.set_mesh(tpu_mesh), nn.logical_axis_rules(LOGICAL_RULES):
         for impl in ("splash", "pallas"):
             text = lower(lambda q, k, v, m, i=impl: dispatch.attention(q, k, v, m, impl=i))
             assert text.count("tpu_custom_call") == 1 and "manual_computation" in text, impl

@@ -1,13 +1,11 @@
 """``python -m jaxdit.train --config experiments/dit_air.py:tiny --workdir DIR [--config.x=y]``"""
 from __future__ import annotations
 
-import os
-import sys
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from jaxdit.cli.common import load_config, run_or_fail
 from jaxdit.config_lib import ConfigError
 from jaxdit.parallel import distributed
 from jaxdit.parallel.mesh import MeshConfigError
@@ -36,22 +34,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     jax.config.update("jax_threefry_partitionable", True)  # sharding-invariant random bits
-    try:
-        config = FLAGS.config
-        config.model  # pylint: disable=pointless-statement
-    except OSError:  # ml_collections defers a failed load to the first attribute access
-        spec = FLAGS["config"].serialize().partition("=")[2] or "?"
-        print(f"Error: cannot load the config file {spec.split(':')[0]!r} (from --config "
-              f"{spec}): no such file, or it does not import; use path.py:<arg>, e.g. "
-              "experiments/dit_air.py:tiny.", file=sys.stderr, flush=True)
-        sys.exit(1)
-    try:
-        result = train_and_evaluate(config, FLAGS.workdir)
-    except USER_ERRORS as e:
-        if os.environ.get("JAXDIT_DEBUG"):
-            raise
-        print(f"Error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    config = load_config(FLAGS)
+    result = run_or_fail(train_and_evaluate, USER_ERRORS, config, FLAGS.workdir)
     if result.get("already_finished"):
         return
     val = "val/loss" if "val/loss" in result else "val/mse"  # autoencoders report the MSE

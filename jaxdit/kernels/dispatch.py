@@ -36,15 +36,15 @@ from jax.sharding import PartitionSpec as P
 from jaxdit.kernels import flash_attention as pallas_flash
 from jaxdit.kernels import splash
 from jaxdit.kernels.reference import xla_attention
-from jaxdit.parallel.mesh import LOGICAL_RULES, logical_mesh_axes
+from jaxdit.parallel.mesh import LOGICAL_RULES, logical_mesh_axes, target_platform
 
 BACKENDS = ("xla", "cudnn", "pallas", "splash", "auto")
 
 
 def cudnn_unsupported_reason(q, k) -> str | None:
     """Why cuDNN cannot run this call, or None if it can."""
-    if jax.default_backend() != "gpu":
-        return f"cuDNN attention needs an NVIDIA GPU (backend is {jax.default_backend()!r})"
+    if target_platform() != "gpu":
+        return f"cuDNN attention needs an NVIDIA GPU (platform is {target_platform()!r})"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"cuDNN attention needs bf16/fp16 inputs, got {q.dtype}"
     d = q.shape[-1]
@@ -58,7 +58,7 @@ def cudnn_unsupported_reason(q, k) -> str | None:
 def auto_backend(q, k, v, segment_ids=None, extras: bool = False) -> str:
     """The backend ``auto`` picks for this call (see the module docstring); ``extras``: the
     call has a logit bias or a causal mask, which the Pallas kernel does not take."""
-    platform = jax.default_backend()
+    platform = target_platform()
     if platform == "tpu":
         return "xla" if extras or splash.unsupported_reason(q, k, v) else "splash"
     if platform != "gpu":
@@ -106,7 +106,7 @@ def attention(q, k, v, key_mask=None, *, impl: str = "xla", scale: float | None 
 
 def splash_unsupported_reason(q, k, v) -> str | None:
     """Why splash cannot run this call here, or None if it can."""
-    if jax.default_backend() == "gpu":
+    if target_platform() == "gpu":
         return "splash attention is a TPU kernel (use 'pallas' or 'cudnn' on GPUs)"
     return splash.unsupported_reason(q, k, v)
 

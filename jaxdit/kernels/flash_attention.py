@@ -34,6 +34,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas.triton import atomic_add
 
+from jaxdit.parallel.mesh import target_platform
+
 NEG_INF = -1e30  # finite, so fully masked blocks never compute inf - inf
 BIG = 1e30
 
@@ -345,7 +347,7 @@ def flash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float | 
     Mosaic), e.g. to export for another platform. ``blocks`` default:
     :data:`DEFAULT_BLOCKS` of the platform, else :class:`BlockSizes`.
     """
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if blocks is None:
         blocks = DEFAULT_BLOCKS.get(platform, BlockSizes())
     reason = unsupported_reason(q, k, v)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdit.kernels import flash_attention as pallas_flash
+from jaxdit.parallel.mesh import target_platform
 
 LANES = 128  # Mosaic's lane width: the kernel's block and head-dim granularity
 BLOCK = 512  # largest block tried (MaxText's default splash block on TPU v5)
@@ -74,7 +75,7 @@ def splash_attention(q, k, v, key_mask=None, *, segment_ids=None, scale: float |
     if reason:
         raise ValueError(f"Splash attention: {reason}.")
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = target_platform() != "tpu"
     b, s, h, d = q.shape
     t = k.shape[1]
     scale = d ** -0.5 if scale is None else scale

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
+from jaxdit.parallel.mesh import target_platform
+
 IMPLS = ("auto", "grouped", "dense")
 
 
@@ -38,7 +40,7 @@ def resolve_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"Unknown moe.expert_impl {impl!r}; available: {IMPLS}.")
     if impl == "auto":
-        return "dense" if jax.default_backend() == "cpu" else "grouped"
+        return "dense" if target_platform() == "cpu" else "grouped"
     return impl
 
 

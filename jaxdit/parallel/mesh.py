@@ -95,10 +95,15 @@ def preset_axes(preset: str, tensor: int = 1, expert: int = 1) -> dict[str, int]
     divided by ``tensor`` and ``expert``, data over slices."""
     if preset not in V5P_SLICES:
         raise MeshConfigError(f"Unknown mesh preset {preset!r}; available: {sorted(V5P_SLICES)}.")
-    chips = V5P_SLICES[preset]
+    return slice_axes(V5P_SLICES[preset], tensor, expert, name=preset)
+
+
+def slice_axes(chips: int, tensor: int = 1, expert: int = 1, name: str = "") -> dict[str, int]:
+    """Axis sizes for one slice of ``chips`` chips: fsdp over ``chips / (tensor * expert)``,
+    ``data=-1`` for however many slices run together."""
     if chips % (tensor * expert):
-        raise MeshConfigError(f"{preset} has {chips} chips, not divisible by tensor={tensor} x "
-                              f"expert={expert}.")
+        raise MeshConfigError(f"{name or 'The slice'} has {chips} chips, not divisible by "
+                              f"tensor={tensor} x expert={expert}.")
     return dict(data=-1, fsdp=chips // (tensor * expert), tensor=tensor, expert=expert,
                 sequence=1)
 
@@ -158,6 +163,15 @@ def batch_mesh_axes(axis_sizes: Mapping[str, int], rules=LOGICAL_RULES) -> tuple
 def batch_divisor(mesh: Mesh, rules=LOGICAL_RULES) -> int:
     """How many ways the batch dimension is split (global batch must be a multiple)."""
     return math.prod(mesh.shape[a] for a in batch_mesh_axes(mesh.shape, rules))
+
+
+def target_platform() -> str:
+    """The platform the program being traced is for: that of the mesh in context (e.g.
+    ``"tpu"`` for a TPU topology compiled ahead of time from a CPU host), else the default
+    backend. Kernel choices (Mosaic vs interpret mode, ``auto``) follow it."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

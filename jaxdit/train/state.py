@@ -65,6 +65,11 @@ def opt_state_shardings(abstract_opt_state, abstract_params, param_sh, mesh: Mes
     return jax.tree_util.tree_map_with_path(pick, abstract_opt_state)
 
 
+# A PRNG key as ``eval_shape`` sees it: nothing runs eagerly, so this works under a mesh of
+# devices that cannot execute (a TPU topology compiled for from a CPU host).
+ABSTRACT_KEY = jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
 def state_shardings(init_variables: Callable, tx, mesh: Mesh,
                     rules=LOGICAL_RULES) -> TrainState:
     """TrainState of ``NamedSharding``s, derived with ``eval_shape`` (nothing allocated).
@@ -74,7 +79,7 @@ def state_shardings(init_variables: Callable, tx, mesh: Mesh,
         (logically partitioned) params under ``"params"``.
     """
     with nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
+        abstract = jax.eval_shape(init_variables, ABSTRACT_KEY)
     p_sh = param_shardings(abstract["params"], mesh, rules)
     abs_params = strip_boxes(abstract["params"])
     rep = NamedSharding(mesh, P())
@@ -111,7 +116,7 @@ def abstract_state(state_shardings: TrainState, init_variables: Callable, tx,
                    rules=LOGICAL_RULES) -> TrainState:
     """``ShapeDtypeStruct`` tree (with shardings) of the state, for Orbax restore."""
     with nn.logical_axis_rules(rules):
-        abstract = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
+        abstract = jax.eval_shape(init_variables, ABSTRACT_KEY)
     variables = strip_boxes(abstract)
     params = variables.pop("params")
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,

@@ -4,12 +4,15 @@ For every family, objective and block-stack variant: the unrolled model's parame
 stacked with :func:`jaxdit.models.stack.stack_tree_like`, give the scanned model the same
 loss, metrics (MoE regularisers and per-layer statistics included), gradients and updated
 model state (MoE thresholds), with and without rematerialisation. Parameter counts are the
-same in both layouts."""
+same in both layouts. The text encoders' hidden states are the same scanned."""
 import functools
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+
+from jaxdit.models import text as text_lib
 
 from jaxdit.models.stack import stack_tree_like, unstack_scanned
 from jaxdit.train.loop import Experiment
@@ -86,3 +89,36 @@ def test_stacking_round_trips_and_keeps_a_distinct_last_block():
     assert stacked["block_scan"]["w"].shape == (2, 2) and set(stacked) == set(like)
     back = unstack_scanned(stacked, "block")
     jax.tree.map(np.testing.assert_array_equal, back, tree)
+
+
+TEXT_ENCODERS = {
+    "trainable": (text_lib.TextEncoder, dict(vocab_size=50, max_len=8, width=32, depth=3)),
+    "bert": (text_lib.BertEncoder, dict(vocab_size=50, width=32, depth=3, num_heads=4,
+                                        mlp_dim=64)),
+    "clip": (text_lib.ClipTextEncoder, dict(vocab_size=50, width=32, depth=3, num_heads=4,
+                                            mlp_dim=64)),
+    "t5": (text_lib.T5Encoder, dict(vocab_size=50, width=32, depth=3, num_heads=4, head_dim=8,
+                                    mlp_dim=64)),
+    "gemma2": (text_lib.GemmaEncoder, dict(vocab_size=50, width=32, depth=3, num_heads=4,
+                                           num_kv_heads=2, head_dim=8, mlp_dim=64,
+                                           query_scale=8 ** -0.5, sliding_window=16)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TEXT_ENCODERS))
+def test_scanned_text_encoder_matches_unrolled(kind):
+    """Every hidden state (and, for a partial run, the first ones) is the same scanned."""
+    cls, fields = TEXT_ENCODERS[kind]
+    ids = jax.random.randint(jax.random.PRNGKey(0), (2, 8), 3, 50)
+    mask = jax.numpy.arange(8)[None] < jax.numpy.array([[8], [5]])
+    unrolled, scanned = cls(**fields), cls(**fields, scan_layers=True)
+    params = _perturbed(nn.unbox(unrolled.init(jax.random.PRNGKey(1), ids, mask)["params"]))
+    like = jax.eval_shape(lambda: nn.unbox(scanned.init(jax.random.PRNGKey(1), ids, mask)))
+    stacked = stack_tree_like(params, like["params"])
+    assert "layer_scan" in stacked and "layer_0" not in stacked
+    def apply(model, p, **kw):
+        return jax.jit(functools.partial(model.apply, **kw))({"params": p}, ids, mask)
+
+    _close(apply(scanned, stacked), apply(unrolled, params))
+    if kind != "trainable":  # the pretrained encoders can stop after the first layers
+        _close(apply(scanned, stacked, num_layers=2), apply(unrolled, params, num_layers=2))

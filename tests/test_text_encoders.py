@@ -109,7 +109,7 @@ def test_training_with_the_frozen_minilm(tmp_path):
     assert cfg.text.width == 32 and exp.model.null_token_id == 101
     batch = next(iter(make_dataset(cfg, "train", 8)))
     assert (batch["text_ids"][:, 0] == 101).all()
-    loaded = text_lib.load_pretrained_text(cfg.text)
+    loaded = text_lib.load_pretrained_text(cfg.text, scan_layers=cfg.model.scan_layers)
     with exp.context():
         state = exp.create_state()
         step = exp.jit_train_step(exp.to_global(batch))

@@ -27,39 +27,54 @@ import numpy as np
 from jaxdit.models.convert import ConversionError, _check_and_unflatten
 
 BERT_LAYER_NAMES = {  # HF name inside encoder.layer.{i} -> jaxdit path, with {i}
-    "attention.self.query": "attn_{i}/qkv/q", "attention.self.key": "attn_{i}/qkv/k",
-    "attention.self.value": "attn_{i}/qkv/v", "attention.output.dense": "attn_{i}/out/proj",
-    "intermediate.dense": "mlp_{i}/fc1", "output.dense": "mlp_{i}/fc2",
+    "attention.self.query": "layer_{i}/attn/qkv/q", "attention.self.key": "layer_{i}/attn/qkv/k",
+    "attention.self.value": "layer_{i}/attn/qkv/v",
+    "attention.output.dense": "layer_{i}/attn/out/proj",
+    "intermediate.dense": "layer_{i}/mlp/fc1", "output.dense": "layer_{i}/mlp/fc2",
 }
-BERT_NORMS = {"attention.output.LayerNorm": "ln_attn_{i}", "output.LayerNorm": "ln_mlp_{i}"}
+BERT_NORMS = {
+    "attention.output.LayerNorm": "layer_{i}/ln_attn",
+    "output.LayerNorm": "layer_{i}/ln_mlp",
+}
 BERT_IGNORED = ("embeddings.position_ids", "pooler.")  # a buffer; the CLS pooler is unused
 
 CLIP_LAYER_NAMES = {  # inside text_model.encoder.layers.{i}
-    "self_attn.q_proj": "attn_{i}/qkv/q", "self_attn.k_proj": "attn_{i}/qkv/k",
-    "self_attn.v_proj": "attn_{i}/qkv/v", "self_attn.out_proj": "attn_{i}/out/proj",
-    "mlp.fc1": "mlp_{i}/fc1", "mlp.fc2": "mlp_{i}/fc2",
+    "self_attn.q_proj": "layer_{i}/attn/qkv/q", "self_attn.k_proj": "layer_{i}/attn/qkv/k",
+    "self_attn.v_proj": "layer_{i}/attn/qkv/v", "self_attn.out_proj": "layer_{i}/attn/out/proj",
+    "mlp.fc1": "layer_{i}/mlp/fc1", "mlp.fc2": "layer_{i}/mlp/fc2",
 }
-CLIP_NORMS = {"layer_norm1": "ln_attn_{i}", "layer_norm2": "ln_mlp_{i}"}
+CLIP_NORMS = {"layer_norm1": "layer_{i}/ln_attn", "layer_norm2": "layer_{i}/ln_mlp"}
 CLIP_IGNORED = ("vision_model.", "visual_projection.", "text_projection.", "logit_scale")
 
 T5_LAYER_NAMES = {  # inside encoder.block.{i}; bias-free Linear weights
-    "layer.0.SelfAttention.q": "attn_{i}/qkv/q", "layer.0.SelfAttention.k": "attn_{i}/qkv/k",
-    "layer.0.SelfAttention.v": "attn_{i}/qkv/v", "layer.0.SelfAttention.o": "attn_{i}/out/proj",
-    "layer.1.DenseReluDense.wi": "mlp_{i}/wi", "layer.1.DenseReluDense.wi_0": "mlp_{i}/wi_0",
-    "layer.1.DenseReluDense.wi_1": "mlp_{i}/wi_1", "layer.1.DenseReluDense.wo": "mlp_{i}/wo",
+    "layer.0.SelfAttention.q": "layer_{i}/attn/qkv/q",
+    "layer.0.SelfAttention.k": "layer_{i}/attn/qkv/k",
+    "layer.0.SelfAttention.v": "layer_{i}/attn/qkv/v",
+    "layer.0.SelfAttention.o": "layer_{i}/attn/out/proj",
+    "layer.1.DenseReluDense.wi": "layer_{i}/mlp/wi",
+    "layer.1.DenseReluDense.wi_0": "layer_{i}/mlp/wi_0",
+    "layer.1.DenseReluDense.wi_1": "layer_{i}/mlp/wi_1",
+    "layer.1.DenseReluDense.wo": "layer_{i}/mlp/wo",
 }
-T5_NORMS = {"layer.0.layer_norm": "ln_attn_{i}", "layer.1.layer_norm": "ln_mlp_{i}"}
+T5_NORMS = {"layer.0.layer_norm": "layer_{i}/ln_attn", "layer.1.layer_norm": "layer_{i}/ln_mlp"}
 
 GEMMA_LAYER_NAMES = {  # inside layers.{i}; bias-free
-    "self_attn.q_proj": "attn_{i}/qkv/q", "self_attn.k_proj": "attn_{i}/qkv/k",
-    "self_attn.v_proj": "attn_{i}/qkv/v", "self_attn.o_proj": "attn_{i}/out/proj",
-    "mlp.gate_proj": "mlp_{i}/wi_0", "mlp.up_proj": "mlp_{i}/wi_1", "mlp.down_proj": "mlp_{i}/wo",
+    "self_attn.q_proj": "layer_{i}/attn/qkv/q", "self_attn.k_proj": "layer_{i}/attn/qkv/k",
+    "self_attn.v_proj": "layer_{i}/attn/qkv/v", "self_attn.o_proj": "layer_{i}/attn/out/proj",
+    "mlp.gate_proj": "layer_{i}/mlp/wi_0",
+    "mlp.up_proj": "layer_{i}/mlp/wi_1",
+    "mlp.down_proj": "layer_{i}/mlp/wo",
 }
 # Gemma (Llama naming: "post_attention" is the pre-MLP norm) and Gemma 2 (sandwich norms)
-GEMMA_NORMS = {"input_layernorm": "ln_attn_{i}", "post_attention_layernorm": "ln_mlp_{i}"}
-GEMMA2_NORMS = {"input_layernorm": "ln_attn_{i}", "post_attention_layernorm": "ln_attn_out_{i}",
-                "pre_feedforward_layernorm": "ln_mlp_{i}",
-                "post_feedforward_layernorm": "ln_mlp_out_{i}"}
+GEMMA_NORMS = {
+    "input_layernorm": "layer_{i}/ln_attn",
+    "post_attention_layernorm": "layer_{i}/ln_mlp",
+}
+GEMMA2_NORMS = {
+    "input_layernorm": "layer_{i}/ln_attn",
+    "post_attention_layernorm": "layer_{i}/ln_attn_out",
+                "pre_feedforward_layernorm": "layer_{i}/ln_mlp",
+                "post_feedforward_layernorm": "layer_{i}/ln_mlp_out"}
 
 HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh",
                   "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -220,7 +235,7 @@ def gemma_from_hf(sd: dict, module) -> tuple[dict, dict]:
         for name in norms.values():  # Gemma's RMSNorm multiplies by 1 + w
             out[f"{name.format(i=i)}/scale"] = 1.0 + out[f"{name.format(i=i)}/scale"]
         for proj in ("q", "k"):
-            key = f"attn_{i}/qkv/{proj}/kernel"
+            key = f"layer_{i}/attn/qkv/{proj}/kernel"
             out[key] = half_split_to_interleaved(out[key], module.head_dim)
     return out, sd
 

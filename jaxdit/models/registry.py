@@ -200,9 +200,11 @@ def build_model(config, null_token_id: int = 1) -> nn.Module:
     dtypes = dict(dtype=_dtype(config.model.dtype), param_dtype=_dtype(config.model.param_dtype))
     if text.kind == "trainable":
         encoder = TextEncoder(vocab_size=text.vocab_size, max_len=text.max_len, width=text.width,
-                              depth=text.depth, num_heads=text.num_heads, **dtypes)
+                              depth=text.depth, num_heads=text.num_heads,
+                              scan_layers=config.model.scan_layers, **dtypes)
     elif text.kind == "pretrained":
-        encoder = pretrained_text_module(text, attn_impl=config.model.attn_impl, **dtypes)
+        encoder = pretrained_text_module(text, attn_impl=config.model.attn_impl,
+                                         scan_layers=config.model.scan_layers, **dtypes)
     class_cond = text.kind == "none"
     if class_cond != (family in CLASS_FAMILIES):
         raise ValueError(f"model.family={family!r} needs text.kind="

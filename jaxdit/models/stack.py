@@ -39,11 +39,13 @@ def scanned_name(prefix: str) -> str:
 
 
 @functools.cache
-def _carry_form(cls):
-    """``cls`` whose ``__call__`` returns ``(carry, None)``, the form ``nn.scan`` wants."""
+def _carry_form(cls, collect: bool = False):
+    """``cls`` whose ``__call__`` returns ``(carry, None)`` (or ``(carry, carry)`` when
+    ``collect``: every layer's output), the form ``nn.scan`` wants."""
     class Carry(cls):
         def __call__(self, carry, *args):
-            return super().__call__(carry, *args), None
+            out = super().__call__(carry, *args)
+            return out, (out if collect else None)
 
     Carry.__name__ = Carry.__qualname__ = cls.__name__
     return Carry
@@ -65,16 +67,17 @@ def _layer_slice(args, in_axes, i: int):
 
 def apply_stack(cls, n: int, prefix: str, carry, *args, in_axes: Sequence[int | None] = (),
                 scan: bool = False, remat: bool | str = "none", shared: bool = False,
-                **fields: Any):
+                collect: bool = False, **fields: Any):
     """``carry`` through ``n`` blocks ``cls(**fields)``; call from a compact method.
 
     ``shared=True`` reuses one block's parameters for every layer (DiT-Air-Lite's full
     sharing): the module is ``shared_{prefix}`` in both layouts, without a layer axis.
-    Returns the final carry.
+    Returns the final carry, or with ``collect`` ``(final carry, [output of each layer])``
+    (the hidden states a text encoder returns).
     """
     in_axes = tuple(in_axes) + (None,) * (len(args) - len(in_axes))
     if n == 0:
-        return carry
+        return (carry, []) if collect else carry
     if not scan:
         block_cls = _remat(cls, remat, in_scan=False)
         if shared:
@@ -82,9 +85,11 @@ def apply_stack(cls, n: int, prefix: str, carry, *args, in_axes: Sequence[int | 
             blocks = [block] * n
         else:
             blocks = [block_cls(name=f"{prefix}_{i}", **fields) for i in range(n)]
+        outputs = []
         for i, block in enumerate(blocks):
             carry = block(carry, *_layer_slice(args, in_axes, i))
-        return carry
+            outputs.append(carry)
+        return (carry, outputs) if collect else carry
     per_layer = {c: 0 for c in LAYER_COLLECTIONS}
     if shared:
         variables = dict(variable_broadcast="params", variable_axes=per_layer,
@@ -92,11 +97,13 @@ def apply_stack(cls, n: int, prefix: str, carry, *args, in_axes: Sequence[int | 
     else:
         variables = dict(variable_axes={"params": 0, **per_layer}, split_rngs={"params": True},
                          metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
-    scanned = nn.scan(_remat(_carry_form(cls), remat, in_scan=True), length=n,
+    scanned = nn.scan(_remat(_carry_form(cls, collect), remat, in_scan=True), length=n,
                       in_axes=tuple(nn.broadcast if ax is None else ax for ax in in_axes),
                       **variables)
     name = f"shared_{prefix}" if shared else scanned_name(prefix)
-    carry, _ = scanned(name=name, **fields)(carry, *args)
+    carry, stacked = scanned(name=name, **fields)(carry, *args)
+    if collect:
+        return carry, [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(n)]
     return carry
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from jaxdit.models.attention import SelfAttention
 from jaxdit.models.layers import LayerNorm, Mlp, RMSNorm, activation_fn, dense, rope_tables
+from jaxdit.models.stack import apply_stack
 
 Dtype = Any
 
@@ -54,6 +55,52 @@ def embed_table(num: int, width: int, name: str, std: float = 0.02, **kw) -> nn.
     return nn.Embed(num, width, name=name, embedding_init=init, **kw)
 
 
+def _layer_norm(eps: float, name: str, **kw) -> LayerNorm:
+    return LayerNorm(eps, use_affine=True, name=name, **kw)
+
+
+class PreNormLayer(nn.Module):
+    """``x + attn(LN(x))``, then ``x + mlp(LN(x))``: a layer of :class:`TextEncoder` and of
+    CLIP (``causal``). ``x`` (B, L, d), ``mask`` (B, L) bool -> (B, L, d)."""
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    activation: str = "gelu_tanh"
+    causal: bool = False
+    eps: float = 1e-6
+    attn_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = SelfAttention(self.num_heads, self.head_dim, qk_norm=False, impl=self.attn_impl,
+                             causal=self.causal, name="attn", **kw)
+        x = x + attn(_layer_norm(self.eps, "ln_attn", **kw)(x), mask)
+        return x + Mlp(self.mlp_dim, self.activation, name="mlp", **kw)(
+            _layer_norm(self.eps, "ln_mlp", **kw)(x))
+
+
+class BertLayer(nn.Module):
+    """BERT's post-LN layer: ``LN(x + attn(x))``, then ``LN(x + mlp(x))`` (exact GELU)."""
+    num_heads: int
+    mlp_dim: int
+    eps: float = 1e-12
+    attn_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = SelfAttention(self.num_heads, x.shape[-1] // self.num_heads, qk_norm=False,
+                             impl=self.attn_impl, name="attn", **kw)
+        x = _layer_norm(self.eps, "ln_attn", **kw)(x + attn(x, mask))
+        mlp = Mlp(self.mlp_dim, activation="gelu", name="mlp", **kw)
+        return _layer_norm(self.eps, "ln_mlp", **kw)(x + mlp(x))
+
+
 class TextEncoder(nn.Module):
     """Bidirectional pre-LN transformer: ids (B, L) int, mask (B, L) bool ->
     ``(tokens (B, L, width), pooled (B, width))`` with masked average pooling."""
@@ -62,6 +109,7 @@ class TextEncoder(nn.Module):
     width: int = 128
     depth: int = 2
     num_heads: int = 4
+    scan_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -78,12 +126,9 @@ class TextEncoder(nn.Module):
             self.param_dtype)
         x = emb(ids) + pos[None, :ids.shape[1]].astype(self.dtype)
         mask = mask.astype(bool)
-        for i in range(self.depth):
-            attn = SelfAttention(self.num_heads, self.width // self.num_heads, qk_norm=False,
-                                 name=f"attn_{i}", **kw)
-            x = x + attn(LayerNorm(use_affine=True, name=f"ln_attn_{i}", **kw)(x), mask)
-            x = x + Mlp(4 * self.width, name=f"mlp_{i}", **kw)(
-                LayerNorm(use_affine=True, name=f"ln_mlp_{i}", **kw)(x))
+        x = apply_stack(PreNormLayer, self.depth, "layer", x, mask, scan=self.scan_layers,
+                        num_heads=self.num_heads, head_dim=self.width // self.num_heads,
+                        mlp_dim=4 * self.width, **kw)
         x = LayerNorm(use_affine=True, name="ln_final", **kw)(x)
         return x, masked_mean(x, mask)
 
@@ -100,6 +145,7 @@ class BertEncoder(nn.Module):
     max_positions: int = 512
     type_vocab_size: int = 2
     eps: float = 1e-12
+    scan_layers: bool = False  # one nn.scan over the layers (jaxdit.models.stack)
     attn_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -114,18 +160,23 @@ class BertEncoder(nn.Module):
         x = (emb(self.vocab_size, "word_embed")(ids)
              + emb(self.max_positions, "pos_embed")(jnp.arange(ids.shape[1]))[None]
              + emb(self.type_vocab_size, "type_embed")(jnp.zeros_like(ids)))
-        norm = lambda name: LayerNorm(self.eps, use_affine=True, name=name, **kw)
-        x = norm("emb_norm")(x)
-        mask = mask.astype(bool)
-        hidden = [x]
-        for i in range(self.depth if num_layers is None else num_layers):
-            attn = SelfAttention(self.num_heads, self.width // self.num_heads, qk_norm=False,
-                                 impl=self.attn_impl, name=f"attn_{i}", **kw)
-            x = norm(f"ln_attn_{i}")(x + attn(x, mask))
-            x = norm(f"ln_mlp_{i}")(x + Mlp(self.mlp_dim, activation="gelu",
-                                            name=f"mlp_{i}", **kw)(x))
-            hidden.append(x)
-        return hidden
+        x = _layer_norm(self.eps, "emb_norm", **kw)(x)
+        return encoder_layers(self, BertLayer, x, num_layers, mask.astype(bool),
+                              num_heads=self.num_heads, mlp_dim=self.mlp_dim, eps=self.eps,
+                              attn_impl=self.attn_impl, **kw)
+
+
+def encoder_layers(encoder, layer_cls, x, num_layers: int | None, *args, **fields) -> list:
+    """Hidden states ``[x, after layer 1, ..., after layer n]`` of ``encoder.depth`` layers
+    ``layer_cls(**fields)`` over ``(x, *args)``: ``layer_{i}``, or one scanned
+    ``layer_scan`` when ``encoder.scan_layers``. ``num_layers`` < depth stops early
+    (a scanned stack runs all its layers in one loop and returns the first ones). Call from
+    the encoder's compact method."""
+    n = encoder.depth if num_layers is None or encoder.scan_layers else num_layers
+    _, outputs = apply_stack(layer_cls, n, "layer", x, *args, scan=encoder.scan_layers,
+                             collect=True, **fields)
+    hidden = [x] + outputs
+    return hidden if num_layers is None else hidden[:num_layers + 1]
 
 
 def _final(hidden, norm, depth: int):
@@ -149,6 +200,7 @@ class ClipTextEncoder(nn.Module):
     max_positions: int = 77
     activation: str = "quick_gelu"
     eps: float = 1e-5
+    scan_layers: bool = False  # one nn.scan over the layers (jaxdit.models.stack)
     attn_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -160,18 +212,12 @@ class ClipTextEncoder(nn.Module):
         x = (embed_table(self.vocab_size, self.width, "token_embed", **kw)(ids)
              + embed_table(self.max_positions, self.width, "pos_embed", **kw)(
                  jnp.arange(ids.shape[1]))[None])
-        norm = lambda name: LayerNorm(self.eps, use_affine=True, name=name, **kw)
-        mask = mask.astype(bool)
-        hidden = [x]
-        for i in range(self.depth if num_layers is None else num_layers):
-            attn = SelfAttention(self.num_heads, self.width // self.num_heads, qk_norm=False,
-                                 impl=encoder_attn_impl(self.attn_impl), causal=True,
-                                 name=f"attn_{i}", **kw)
-            x = x + attn(norm(f"ln_attn_{i}")(x), mask)
-            x = x + Mlp(self.mlp_dim, self.activation, name=f"mlp_{i}", **kw)(
-                norm(f"ln_mlp_{i}")(x))
-            hidden.append(x)
-        return _final(hidden, norm("final_norm"), self.depth)
+        hidden = encoder_layers(
+            self, PreNormLayer, x, num_layers, mask.astype(bool), num_heads=self.num_heads,
+            head_dim=self.width // self.num_heads, mlp_dim=self.mlp_dim,
+            activation=self.activation, causal=True, eps=self.eps,
+            attn_impl=encoder_attn_impl(self.attn_impl), **kw)
+        return _final(hidden, _layer_norm(self.eps, "final_norm", **kw), self.depth)
 
 
 def t5_relative_buckets(q_len: int, k_len: int, num_buckets: int, max_distance: int):
@@ -208,6 +254,58 @@ class BiasFreeMlp(nn.Module):
         return dense(x.shape[-1], ("mlp", "embed"), name="wo", **kw)(h)
 
 
+class T5Layer(nn.Module):
+    """T5's pre-RMSNorm layer: bias-free unscaled attention with the shared relative-position
+    ``bias`` (1, H, L, L), then the (gated) bias-free FFN."""
+    num_heads: int
+    head_dim: int
+    mlp_dim: int
+    gated: bool = True
+    activation: str = "gelu_tanh"
+    eps: float = 1e-6
+    attn_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, bias):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = SelfAttention(self.num_heads, self.head_dim, qk_norm=False, use_bias=False,
+                             impl=self.attn_impl, scale=1.0, name="attn", **kw)
+        x = x + attn(RMSNorm(self.eps, name="ln_attn", **kw)(x), mask, bias=bias)
+        return x + BiasFreeMlp(self.mlp_dim, self.activation, self.gated, name="mlp", **kw)(
+            RMSNorm(self.eps, name="ln_mlp", **kw)(x))
+
+
+class GemmaLayer(nn.Module):
+    """A Gemma / Gemma 2 decoder layer over the whole text (causal, RoPE, GQA; Gemma 2's
+    ``sandwich`` norms, soft-capped logits)."""
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_dim: int
+    query_scale: float
+    softcap: float = 0.0
+    sandwich: bool = True
+    activation: str = "gelu_tanh"
+    eps: float = 1e-6
+    attn_impl: str = "xla"
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask, rope):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: RMSNorm(self.eps, name=name, **kw)  # noqa: E731
+        attn = SelfAttention(self.num_heads, self.head_dim, self.num_kv_heads, qk_norm=False,
+                             use_bias=False, impl=self.attn_impl, causal=True,
+                             scale=self.query_scale, softcap=self.softcap, name="attn", **kw)
+        h = attn(norm("ln_attn")(x), mask, rope=rope)
+        x = x + (norm("ln_attn_out")(h) if self.sandwich else h)
+        h = BiasFreeMlp(self.mlp_dim, self.activation, True, name="mlp", **kw)(norm("ln_mlp")(x))
+        return x + (norm("ln_mlp_out")(h) if self.sandwich else h)
+
+
 class T5Encoder(nn.Module):
     """T5's encoder (pre-RMSNorm, bias-free unscaled attention with a relative-position
     bias learned by the first layer and shared by all) over ids (B, L) int and mask (B, L)
@@ -224,6 +322,7 @@ class T5Encoder(nn.Module):
     num_buckets: int = 32
     max_distance: int = 128
     eps: float = 1e-6
+    scan_layers: bool = False  # one nn.scan over the layers (jaxdit.models.stack)
     attn_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -238,18 +337,12 @@ class T5Encoder(nn.Module):
         length = ids.shape[1]
         buckets = t5_relative_buckets(length, length, self.num_buckets, self.max_distance)
         bias = jnp.transpose(table[buckets], (2, 0, 1))[None]  # (1, H, L, L)
-        norm = lambda name: RMSNorm(self.eps, name=name, **kw)
-        mask = mask.astype(bool)
-        hidden = [x]
-        for i in range(self.depth if num_layers is None else num_layers):
-            attn = SelfAttention(self.num_heads, self.head_dim, qk_norm=False, use_bias=False,
-                                 impl=encoder_attn_impl(self.attn_impl), scale=1.0,
-                                 name=f"attn_{i}", **kw)
-            x = x + attn(norm(f"ln_attn_{i}")(x), mask, bias=bias)
-            x = x + BiasFreeMlp(self.mlp_dim, self.activation, self.gated,
-                                  name=f"mlp_{i}", **kw)(norm(f"ln_mlp_{i}")(x))
-            hidden.append(x)
-        return _final(hidden, norm("final_norm"), self.depth)
+        hidden = encoder_layers(
+            self, T5Layer, x, num_layers, mask.astype(bool), bias, num_heads=self.num_heads,
+            head_dim=self.head_dim, mlp_dim=self.mlp_dim, gated=self.gated,
+            activation=self.activation, eps=self.eps,
+            attn_impl=encoder_attn_impl(self.attn_impl), **kw)
+        return _final(hidden, RMSNorm(self.eps, name="final_norm", **kw), self.depth)
 
 
 class GemmaEncoder(nn.Module):
@@ -282,6 +375,7 @@ class GemmaEncoder(nn.Module):
     sliding_window: int = 4096
     activation: str = "gelu_tanh"
     eps: float = 1e-6
+    scan_layers: bool = False  # one nn.scan over the layers (jaxdit.models.stack)
     attn_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -298,22 +392,13 @@ class GemmaEncoder(nn.Module):
         x = x * jnp.asarray(self.width ** 0.5, x.dtype)
         cos, sin = rope_tables(jnp.arange(length)[:, None], (self.head_dim,), self.rope_theta)
         rope = (cos[None], sin[None])
-        norm = lambda name: RMSNorm(self.eps, name=name, **kw)
-        mask = mask.astype(bool)
-        hidden = [x]
-        for i in range(self.depth if num_layers is None else num_layers):
-            attn = SelfAttention(self.num_heads, self.head_dim, self.num_kv_heads, qk_norm=False,
-                                 use_bias=False, impl=encoder_attn_impl(self.attn_impl,
-                                                                        self.softcap),
-                                 causal=True, scale=self.query_scale, softcap=self.softcap,
-                                 name=f"attn_{i}", **kw)
-            h = attn(norm(f"ln_attn_{i}")(x), mask, rope=rope)
-            x = x + (norm(f"ln_attn_out_{i}")(h) if self.sandwich else h)
-            h = BiasFreeMlp(self.mlp_dim, self.activation, True, name=f"mlp_{i}", **kw)(
-                norm(f"ln_mlp_{i}")(x))
-            x = x + (norm(f"ln_mlp_out_{i}")(h) if self.sandwich else h)
-            hidden.append(x)
-        return _final(hidden, norm("final_norm"), self.depth)
+        hidden = encoder_layers(
+            self, GemmaLayer, x, num_layers, mask.astype(bool), rope,
+            num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+            mlp_dim=self.mlp_dim, query_scale=self.query_scale, softcap=self.softcap,
+            sandwich=self.sandwich, activation=self.activation, eps=self.eps,
+            attn_impl=encoder_attn_impl(self.attn_impl, self.softcap), **kw)
+        return _final(hidden, RMSNorm(self.eps, name="final_norm", **kw), self.depth)
 
 
 class PretrainedText(nn.Module):
@@ -382,15 +467,16 @@ def text_encoder_dir(path: str):
     return root
 
 
-def pretrained_text_module(text_cfg, *, attn_impl: str = "xla", dtype=jnp.float32,
-                           param_dtype=jnp.float32) -> PretrainedText:
+def pretrained_text_module(text_cfg, *, attn_impl: str = "xla", scan_layers: bool = False,
+                           dtype=jnp.float32, param_dtype=jnp.float32) -> PretrainedText:
     """:class:`PretrainedText` for ``text_cfg`` (``path``, ``layers``, ``proj_width``),
     with the encoder's architecture and shape read from the folder's ``config.json``."""
     import json  # pylint: disable=import-outside-toplevel
     from jaxdit.models.convert_text import encoder_from_hf_config  # pylint: disable=import-outside-toplevel
     root = text_encoder_dir(text_cfg.path)
     cls, fields = encoder_from_hf_config(json.loads((root / "config.json").read_text()))
-    encoder = cls(**fields, attn_impl=attn_impl, dtype=dtype, param_dtype=param_dtype)
+    encoder = cls(**fields, attn_impl=attn_impl, scan_layers=scan_layers, dtype=dtype,
+                  param_dtype=param_dtype)
     return PretrainedText(encoder, tuple(text_cfg.layers), int(text_cfg.proj_width),
                           dtype=dtype, param_dtype=param_dtype)
 
@@ -401,12 +487,13 @@ def pretrained_text_width(text_cfg) -> int:
     return int(text_cfg.proj_width) or module.frozen_encoder.width
 
 
-def load_pretrained_text(text_cfg, expected=None):
+def load_pretrained_text(text_cfg, expected=None, scan_layers: bool = False):
     """The frozen encoder's params for ``text_cfg``, converted from the folder's weights
-    and checked against ``expected`` (a tree of arrays or shapes; default: the module's)."""
+    and checked against ``expected`` (a tree of arrays or shapes; default: the module's,
+    its layers stacked for a scan when ``scan_layers``)."""
     from jaxdit.models.convert import read_diffusers_dir  # pylint: disable=import-outside-toplevel
     from jaxdit.models.convert_text import params_from_hf  # pylint: disable=import-outside-toplevel
-    module = pretrained_text_module(text_cfg).frozen_encoder
+    module = pretrained_text_module(text_cfg, scan_layers=scan_layers).frozen_encoder
     if expected is None:
         ids = jnp.zeros((1, 2), jnp.int32)
         expected = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0),

@@ -158,13 +158,18 @@ def apply_model_overrides(config, overrides: dict):
     return config
 
 
+# Paper-size models pick their attention kernel per platform: splash on TPU, cuDNN or the
+# Pallas kernel on NVIDIA GPUs, XLA on CPU (jaxdit.kernels.dispatch).
+PAPER_ATTENTION = "auto"
+
+
 def paper_model(config, depth: int, width: int, heads: int, patch: int = 2):
     """Paper-size model with the paper's text width and 8-channel latent."""
     config.model.update(depth=depth, width=width, num_heads=heads, patch_size=patch)
     config.text.update(kind="precomputed", width=PAPER_TEXT_WIDTH, max_len=128)
     config.latent.update(PAPER_LATENT)
     config.data.image_size = 256
-    config.model.update(dtype="bfloat16", remat="full")
+    config.model.update(dtype="bfloat16", remat="full", attn_impl=PAPER_ATTENTION)
     config.train.batch_size = 4096
     return config
 
@@ -231,7 +236,8 @@ def race_config(arg: str | None):
     if size in RACE_SIZES:
         depth, width, heads = RACE_SIZES[size]
         config.model.update(depth=depth, width=width, num_heads=heads, patch_size=2,
-                            num_classes=IMAGENET_CLASSES, dtype="bfloat16", remat="full")
+                            num_classes=IMAGENET_CLASSES, dtype="bfloat16", remat="full",
+                            attn_impl=PAPER_ATTENTION)
         config.latent.update(kind="kl_vae", channels=4, downsample=8)  # SD-VAE latents
         config.data.image_size = 256
         # DiT's ImageNet recipe (Race-DiT's own ablation recipe is not public).
@@ -284,7 +290,8 @@ def lumina_config(arg: str | None):
     if size in LUMINA_SIZES:
         width, depth, heads, kv_heads, axes = LUMINA_SIZES[size]
         config.model.update(width=width, depth=depth, num_heads=heads, num_kv_heads=kv_heads,
-                            axes_dims=axes, dtype="bfloat16", remat="full")
+                            axes_dims=axes, dtype="bfloat16", remat="full",
+                            attn_impl=PAPER_ATTENTION)
         config.text.update(kind="precomputed", width=GEMMA_2B_WIDTH, max_len=256)
         config.latent.update(FLUX_LATENT)
         config.data.update(image_size=1024, bucket_max_ratio=4.0, bucket_filter="official")
@@ -359,7 +366,8 @@ def d2it_config(arg: str | None):
     if size in D2IT_SIZES or (stage1 and size == "paper"):
         config.data.image_size = 256
         config.latent.update(kind="dvae", channels=4, downsample=8)
-        config.model.update(num_classes=IMAGENET_CLASSES, dtype="bfloat16", remat="full")
+        config.model.update(num_classes=IMAGENET_CLASSES, dtype="bfloat16", remat="full",
+                            attn_impl=PAPER_ATTENTION)
         if size in D2IT_SIZES:
             depth, width, heads = D2IT_SIZES[size]
             config.model.update(depth=depth, width=width, num_heads=heads)

@@ -18,7 +18,6 @@ import json
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only compiles; libtpu serves the topology
-os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # quiets libtpu's start-up warnings
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402

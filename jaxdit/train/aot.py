@@ -90,8 +90,14 @@ def topology_devices(topology_name: str):
         raise AOTError('TPU compiles need libtpu, which is not installed: pip install -e ".[tpu]" '
                        "(it brings the libtpu that matches the installed jax).")
     # A compile-only client: it must not take libtpu's one-process-per-host lock, which
-    # would refuse a second compile (or a TPU VM's running training) on the same host.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # would refuse a second compile (or a TPU VM's running training) on the same host, nor
+    # look for TPU VM metadata (libtpu prints a page of warnings when it finds none).
+    gen, _, grid = topology_name.partition(":")
+    cores = math.prod(int(g) for g in grid.split("x")) * CHIPS[gen].cores_per_chip
+    for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
+                       ("TPU_WORKER_HOSTNAMES", "localhost"),
+                       ("TPU_ACCELERATOR_TYPE", f"{gen}-{cores}")):
+        os.environ.setdefault(key, value)
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices
     except Exception as e:  # pylint: disable=broad-except
@@ -185,8 +191,9 @@ class CompileReport:
     def as_dict(self) -> dict:
         out = dataclasses.asdict(self)
         out["chip"] = self.chip.name
+        mfu = self.estimated_mfu
         out.update(total_bytes=self.total_bytes, fits=self.fits, hbm_bytes=int(
-            self.chip.hbm_gib * GIB), estimated_mfu=self.estimated_mfu,
+            self.chip.hbm_gib * GIB), estimated_mfu=None if math.isnan(mfu) else mfu,
             estimates=["flops_per_chip", "optimal_seconds", "estimated_mfu"])
         return out
 
@@ -292,7 +299,8 @@ def report_lines(r: CompileReport) -> list[str]:
         f"{g(r.code_bytes)}; total {g(r.total_bytes)} of {hbm:.0f} GiB: "
         + ("fits" if r.fits else "DOES NOT FIT"),
         f"compiler estimates (XLA cost model, not measurements): "
-        f"{r.flops_per_chip / 1e12:.2f} TFLOP per chip per step, step "
-        f"{r.optimal_seconds * 1e3:.1f} ms, MFU {r.estimated_mfu:.1%} of "
-        f"{r.chip.bf16_tflops:.0f} TFLOP/s bf16",
+        f"{r.flops_per_chip / 1e12:.2f} TFLOP per chip per step, "
+        + (f"step {r.optimal_seconds * 1e3:.1f} ms, MFU {r.estimated_mfu:.1%} of "
+           f"{r.chip.bf16_tflops:.0f} TFLOP/s bf16" if r.optimal_seconds > 0 else
+           "no step-time estimate (the cost model returned none for this program)"),
     ]

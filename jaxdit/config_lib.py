@@ -134,10 +134,21 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+# Fields added after runs were already saved, with the value that reproduces those runs
+# (what a config without the field meant), not today's default.
+EARLIER_BEHAVIOUR = {"model": {"scan_layers": False}}  # unrolled blocks before 2026-12-03
+
+
 def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config`` plus every field of :func:`base_config` it lacks (recursively; present
     fields are kept): a config saved by an older jaxdit gains the fields added since, with
-    their defaults."""
+    the value of :data:`EARLIER_BEHAVIOUR` where it has one, else their defaults."""
+    for section, fields in EARLIER_BEHAVIOUR.items():
+        if section in config:
+            for key, value in fields.items():
+                if key not in config[section]:
+                    config[section][key] = value
+
     def fill(cfg, defaults):
         for key, value in defaults.items():
             if key not in cfg:

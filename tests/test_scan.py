@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
+from jaxdit import config_lib
 from jaxdit.models import text as text_lib
 
 from jaxdit.models.stack import stack_tree_like, unstack_scanned
+from jaxdit.train import checkpoint
 from jaxdit.train.loop import Experiment
 from jaxdit.train.step import loss_fn
 from tests.helpers import VARIANTS, fixed_batch, tiny_config
@@ -122,3 +124,19 @@ def test_scanned_text_encoder_matches_unrolled(kind):
     _close(apply(scanned, stacked), apply(unrolled, params))
     if kind != "trainable":  # the pretrained encoders can stop after the first layers
         _close(apply(scanned, stacked, num_layers=2), apply(unrolled, params, num_layers=2))
+
+
+def test_runs_saved_before_the_layer_stacks_keep_their_layout():
+    """A config saved without ``model.scan_layers`` was an unrolled run: it restores as one
+    (and today's configs default to scanning); the parameter paths of that older layout are
+    recognised, so a refused checkpoint says which jaxdit wrote it."""
+    old = config_lib.base_config()
+    del old.model["scan_layers"]
+    assert config_lib.with_defaults(old).model.scan_layers is False
+    assert config_lib.base_config().model.scan_layers is True
+    old_paths = ["denoiser/scale_shift_table_3/", "text_encoder/attn_0/qkv/q/",
+                 "denoiser/adaln_text_1/proj/"]
+    new_paths = ["denoiser/block_scan/scale_shift_table/", "text_encoder/layer_0/attn/qkv/",
+                 "denoiser/block_1/adaln_text/proj/", "denoiser/layer_scan/attn/"]
+    assert all(checkpoint._OLD_LAYOUT.search(p) for p in old_paths)
+    assert not any(checkpoint._OLD_LAYOUT.search(p) for p in new_paths)

@@ -21,7 +21,8 @@ from absl import app, flags, logging
 from jaxdit.data import shapes
 from jaxdit.eval.alignment import alignment_scores
 from jaxdit.eval.fid import fid, load_inception
-from jaxdit.train.checkpoint import Checkpointer
+from jaxdit.cli.common import run_or_fail
+from jaxdit.train.checkpoint import CheckpointError, Checkpointer
 from jaxdit.train.loop import (Experiment, evaluate, sample_condition, state_variables,
                                validation_captions, validation_images)
 from jaxdit.train.metrics import MetricWriter
@@ -88,8 +89,11 @@ def evaluate_step(ckpt: Checkpointer, step: int | None, num_samples: int = 64,
     config.train.batch_size = max(1, config.train.batch_size // jax.process_count())
     config.optim.grad_accum = 1
     exp = Experiment(config, devices=jax.devices()[:1])
+    abstract = exp.abstract_state()
+    step = ckpt.latest_step() if step is None else step
+    run_or_fail(ckpt.check_compatible, (CheckpointError,), step, abstract)
     with exp.context():
-        state, step = ckpt.restore(exp.abstract_state(), step=step)
+        state, step = ckpt.restore(abstract, step=step)
         val = evaluate(exp, state, step, MetricWriter("", enabled=False))
         results = {k: float(v) for k, v in val.items()}
         results.update(sample_metrics(exp, state, num_samples, sample_batch, seed, inception))

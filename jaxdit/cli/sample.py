@@ -16,7 +16,8 @@ from absl import app, flags, logging
 
 from jaxdit.diffusion.samplers import SAMPLERS
 from jaxdit.eval.sampling import make_sample_fn, save_grid, write_captions
-from jaxdit.train.checkpoint import Checkpointer
+from jaxdit.cli.common import run_or_fail
+from jaxdit.train.checkpoint import CheckpointError, Checkpointer
 from jaxdit.train.loop import Experiment, sample_condition, state_variables
 
 FLAGS = flags.FLAGS
@@ -82,8 +83,11 @@ def main(argv):
     config.train.batch_size = 1
     config.optim.grad_accum = 1
     exp = Experiment(config, devices=jax.devices()[:1])
+    abstract = exp.abstract_state()
+    step = ckpt.latest_step() if FLAGS.step is None else FLAGS.step
+    run_or_fail(ckpt.check_compatible, (CheckpointError,), step, abstract)
     with exp.context():
-        state, step = ckpt.restore(exp.abstract_state(), step=FLAGS.step)
+        state, step = ckpt.restore(abstract, step=step)
         repeated = [w for w in wanted for _ in range(FLAGS.num_per_prompt)]
         config.sampler.num_samples = len(repeated)
         captions, cond = (sample_condition(exp, labels=repeated) if class_cond

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import grain
 import jax
@@ -46,6 +47,15 @@ def shape_differences(saved: dict, wanted: dict, limit: int = 3) -> list[str]:
     out += [f"{k} only in the checkpoint" for k in sorted(saved.keys() - wanted.keys())]
     more = len(out) - limit
     return out[:limit] + ([f"{more} more"] if more > 0 else [])
+
+
+# Parameter paths only jaxdit's layout before the layer stacks (2026-12-03) has: per-layer
+# tables outside their blocks, text-encoder layers not grouped in layer modules.
+_OLD_LAYOUT = re.compile(r"(^|/)(scale_shift_table_\d+|adaln_(text|image)_\d+|"
+                         r"(attn|mlp|ln_attn|ln_mlp)_\d+)/")
+OLD_LAYOUT_HINT = ("it was written by jaxdit before 2026-12-03, whose parameter layout "
+                   "differs (layer stacks, models/stack.py): sample or continue it with that "
+                   "version (git checkout 107451b)")
 
 
 def config_differences(saved: ml_collections.ConfigDict, config) -> list[str]:
@@ -131,12 +141,15 @@ class Checkpointer:
             except Exception:  # pylint: disable=broad-except
                 what = []
         what = what or shape_differences(saved, wanted)
+        if any(_OLD_LAYOUT.search(k) for k in saved):
+            what.append(OLD_LAYOUT_HINT)
+        advice = (" Resume it with its own config (config.json beside checkpoints/), or start "
+                  "a new --workdir (with --config.train.init_params_from=<this workdir> to start "
+                  "from its weights when the shapes fit).") if config is not None else ""
         raise IncompatibleCheckpoint(
-            f"The checkpoint at step {step} in {self.directory} does not fit this config's "
-            f"model ({'; '.join(what)}). Nothing was changed. Resume it with its own config "
-            "(config.json beside checkpoints/), or start a new --workdir (with "
-            "--config.train.init_params_from=<this workdir> to start from its weights when "
-            "the shapes fit).")
+            f"The checkpoint at step {step} in {self.directory} does not fit "
+            f"{'this config' if config is not None else 'its own config'}'s model "
+            f"({'; '.join(what)}). Nothing was changed.{advice}")
 
     def restore_latest_valid(self, abstract_state, data_iterator=None, config=None):
         """Restores the newest readable step. Every step is first checked against the

@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from jaxdit.train import aot
 from jaxdit.train.loop import Experiment
 from jaxdit.train.state import count_params, path_names
 
@@ -122,14 +123,10 @@ def model_flops(config, params_in_blocks: int, batch: int) -> float:
 
 def main(argv):
     del argv
-    cfg = FLAGS.config
-    # Cached latents: the "image" fed to the step is the latent grid itself.
-    size = cfg.data.image_size // max(cfg.latent.downsample, 1)
-    cfg.latent.update(kind="identity", downsample=1)
-    cfg.data.image_size = size
+    # Cached latents (the "image" fed to the step is the latent grid) and text features.
+    cfg = aot.with_cached_inputs(FLAGS.config, FLAGS.text_len)
+    size = cfg.data.image_size
     class_conditional = cfg.text.kind == "none"
-    if not class_conditional:
-        cfg.text.update(kind="precomputed", max_len=FLAGS.text_len)
     cfg.model.update(dtype=FLAGS.dtype, remat=FLAGS.remat, attn_impl=FLAGS.attn_impl)
     cfg.optim.update(name=FLAGS.optim)
     cfg.train.batch_size = FLAGS.batch

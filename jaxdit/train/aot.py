@@ -169,6 +169,7 @@ class CompileReport:
     flops_per_chip: float
     optimal_seconds: float
     mosaic_kernels: int  # Pallas kernels compiled by Mosaic (splash attention) in the program
+    cost_source: str = "the compiled program"  # where flops / optimal_seconds come from
 
     @property
     def total_bytes(self) -> int:
@@ -227,11 +228,36 @@ def _cost(compiled) -> dict:
     return (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
 
+def _flops_and_seconds(compiled) -> tuple[float, float]:
+    cost = _cost(compiled)
+    return float(cost.get("flops", 0.0)), float(cost.get("optimal_seconds", 0.0))
+
+
+def depth_extrapolated_cost(cfg, devices) -> tuple[float, float]:
+    """``(FLOPs per chip, optimal seconds)`` of ``cfg``'s step at its ``model.depth``, from
+    two small unrolled compiles: XLA's cost analysis counts a while loop's body once, so a
+    scanned step reports the cost of one layer. With ``d`` the smallest depth (1, or D2iT's
+    ``refine_depth + 1``), ``cost(N) = cost(d) + (N - d) * (cost(d + 1) - cost(d))``; every
+    other stack (refiners, grain model) is unrolled in both and counted in full."""
+    depth = int(cfg.model.depth)
+    d = int(cfg.model.get("refine_depth", 0)) + 1 if cfg.model.family == "d2it" else 1
+    costs = []
+    for n in (d, d + 1):
+        small = cfg.copy_and_resolve_references()
+        small.model.update(depth=n, scan_layers=False)
+        costs.append(_flops_and_seconds(lower_and_compile(small, devices)[0]))
+    (f0, t0), (f1, t1) = costs
+    if min(t0, t1) <= 0:  # no usable time estimate for this program
+        return f0 + (depth - d) * (f1 - f0), 0.0
+    return f0 + (depth - d) * (f1 - f0), t0 + (depth - d) * (t1 - t0)
+
+
 def compile_train_step(cfg, topology: str, *, batch: int | None = None,
                        remat: str | None = None) -> CompileReport:
     """AOT-compiles ``cfg``'s train step for ``topology`` (see :func:`parse_topology`) at
     global ``batch`` (default ``train.batch_size``) and ``remat`` (default the config's),
-    with cached-feature inputs (:func:`with_cached_inputs`). ``cfg`` is copied, not edited."""
+    with cached-feature inputs (:func:`with_cached_inputs`). ``cfg`` is copied, not edited.
+    A scanned step's cost estimates come from :func:`depth_extrapolated_cost`."""
     cfg = with_cached_inputs(cfg.copy_and_resolve_references())
     chip, topo_name, chips = parse_topology(topology)
     devices = topology_devices(topo_name)
@@ -241,16 +267,20 @@ def compile_train_step(cfg, topology: str, *, batch: int | None = None,
         if remat is not None:
             cfg.model.remat = remat
     compiled, lower_s, compile_s, exp = lower_and_compile(cfg, devices)
-    mem, cost = compiled.memory_analysis(), _cost(compiled)
+    mem = compiled.memory_analysis()
+    if cfg.model.get("scan_layers", False):
+        flops, seconds = depth_extrapolated_cost(cfg, devices)
+        source = "extrapolated from unrolled compiles at two small depths"
+    else:
+        (flops, seconds), source = _flops_and_seconds(compiled), "the compiled program"
     return CompileReport(
         topology=topo_name, chip=chip, chips=chips, mesh=dict(exp.mesh.shape),
         batch=cfg.train.batch_size, remat=str(cfg.model.remat), lower_s=lower_s,
         compile_s=compile_s, argument_bytes=int(mem.argument_size_in_bytes),
         output_bytes=int(mem.output_size_in_bytes), alias_bytes=int(mem.alias_size_in_bytes),
         temp_bytes=int(mem.temp_size_in_bytes),
-        code_bytes=int(mem.generated_code_size_in_bytes),
-        flops_per_chip=float(cost.get("flops", 0.0)),
-        optimal_seconds=float(cost.get("optimal_seconds", 0.0)),
+        code_bytes=int(mem.generated_code_size_in_bytes), flops_per_chip=flops,
+        optimal_seconds=seconds, cost_source=source,
         mosaic_kernels=compiled.as_text().count('custom_call_target="tpu_custom_call"'))
 
 
@@ -298,7 +328,7 @@ def report_lines(r: CompileReport) -> list[str]:
         f"outputs {g(r.output_bytes)} ({g(r.alias_bytes)} aliased to arguments), code "
         f"{g(r.code_bytes)}; total {g(r.total_bytes)} of {hbm:.0f} GiB: "
         + ("fits" if r.fits else "DOES NOT FIT"),
-        f"compiler estimates (XLA cost model, not measurements): "
+        f"compiler estimates (XLA cost model, {r.cost_source}; not measurements): "
         f"{r.flops_per_chip / 1e12:.2f} TFLOP per chip per step, "
         + (f"step {r.optimal_seconds * 1e3:.1f} ms, MFU {r.estimated_mfu:.1%} of "
            f"{r.chip.bf16_tflops:.0f} TFLOP/s bf16" if r.optimal_seconds > 0 else

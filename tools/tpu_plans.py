@@ -46,6 +46,11 @@ PLANS = {
     "lumina_2B": (config_lib.lumina_config, ("2B",), "v5p-128", {}),
     "lumina_7B": (config_lib.lumina_config, ("7B",), "v5p-256", {}),
     "d2it_XL": (config_lib.d2it_config, ("XL",), "v5p-64", {}),
+    # what the remat policy costs: the fastest policies that still fit
+    "dit_air_XL_remat_none": (config_lib.air_family_config, ("dit_air", "XL"), "v5p-256",
+                              {"model.remat": "none"}),
+    "lumina_7B_remat_dots": (config_lib.lumina_config, ("7B",), "v5p-256",
+                             {"model.remat": "dots"}),
 }
 
 

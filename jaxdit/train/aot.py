@@ -91,19 +91,24 @@ def topology_devices(topology_name: str):
                        "(it brings the libtpu that matches the installed jax).")
     # A compile-only client: it must not take libtpu's one-process-per-host lock, which
     # would refuse a second compile (or a TPU VM's running training) on the same host, nor
-    # look for TPU VM metadata (libtpu prints a page of warnings when it finds none).
+    # look for TPU VM metadata (libtpu prints a page of warnings when it finds none). Set
+    # only while libtpu starts: left in the environment, they would make child processes
+    # (and jaxdit.parallel.distributed) believe they run on a TPU VM.
     gen, _, grid = topology_name.partition(":")
     cores = math.prod(int(g) for g in grid.split("x")) * CHIPS[gen].cores_per_chip
-    for key, value in (("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"), ("TPU_SKIP_MDS_QUERY", "1"),
-                       ("TPU_WORKER_HOSTNAMES", "localhost"),
-                       ("TPU_ACCELERATOR_TYPE", f"{gen}-{cores}")):
-        os.environ.setdefault(key, value)
+    quiet = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1",
+             "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": f"{gen}-{cores}"}
+    added = {k: v for k, v in quiet.items() if k not in os.environ}
+    os.environ.update(added)
     try:
         return topologies.get_topology_desc(platform="tpu", topology_name=topology_name).devices
     except Exception as e:  # pylint: disable=broad-except
         first = str(e).splitlines()[0] if str(e) else ""
         raise AOTError(f"libtpu cannot describe TPU topology {topology_name!r}: "
                        f"{type(e).__name__}: {first}") from e
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def with_cached_inputs(cfg, text_len: int | None = None):

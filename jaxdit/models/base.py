@@ -46,12 +46,14 @@ def remat_policy_name(remat: bool | str) -> str:
     return name
 
 
-def remat_block(cls, remat: bool | str):
-    """``cls`` wrapped in ``nn.remat`` with the policy that ``remat`` names."""
+def remat_block(cls, remat: bool | str, prevent_cse: bool = True):
+    """``cls`` wrapped in ``nn.remat`` with the policy that ``remat`` names.
+    ``prevent_cse=False`` inside a scan: the loop already keeps XLA from merging the
+    recomputation with the forward pass (Flax's advice for scan + remat)."""
     name = remat_policy_name(remat)
     if name == "none":
         return cls
-    return nn.remat(cls, policy=REMAT_POLICIES[name])
+    return nn.remat(cls, policy=REMAT_POLICIES[name], prevent_cse=prevent_cse)
 
 
 class Block(nn.Module):

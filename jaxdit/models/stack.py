@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdit.models.base import REMAT_POLICIES, remat_policy_name
+from jaxdit.models.base import remat_block
 
 # Collections a forward pass may write that are per-step outputs, not model state.
 TRANSIENT_COLLECTIONS = ("aux_loss", "deep_pred", "moe_metrics", "intermediates")
@@ -51,15 +51,6 @@ def _carry_form(cls, collect: bool = False):
     return Carry
 
 
-def _remat(cls, remat, *, in_scan: bool):
-    name = remat_policy_name(remat)
-    if name == "none":
-        return cls
-    # Inside a scan the loop already keeps XLA from merging the recomputation with the
-    # forward pass, so CSE prevention would only cost (Flax's advice for scan + remat).
-    return nn.remat(cls, policy=REMAT_POLICIES[name], prevent_cse=not in_scan)
-
-
 def _layer_slice(args, in_axes, i: int):
     return tuple(jax.tree.map(lambda a: a[i], arg) if ax == 0 else arg
                  for arg, ax in zip(args, in_axes))
@@ -79,7 +70,7 @@ def apply_stack(cls, n: int, prefix: str, carry, *args, in_axes: Sequence[int | 
     if n == 0:
         return (carry, []) if collect else carry
     if not scan:
-        block_cls = _remat(cls, remat, in_scan=False)
+        block_cls = remat_block(cls, remat)
         if shared:
             block = block_cls(name=f"shared_{prefix}", **fields)
             blocks = [block] * n
@@ -97,9 +88,9 @@ def apply_stack(cls, n: int, prefix: str, carry, *args, in_axes: Sequence[int | 
     else:
         variables = dict(variable_axes={"params": 0, **per_layer}, split_rngs={"params": True},
                          metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
-    scanned = nn.scan(_remat(_carry_form(cls, collect), remat, in_scan=True), length=n,
-                      in_axes=tuple(nn.broadcast if ax is None else ax for ax in in_axes),
-                      **variables)
+    body = remat_block(_carry_form(cls, collect), remat, prevent_cse=False)
+    scan_axes = tuple(nn.broadcast if ax is None else ax for ax in in_axes)
+    scanned = nn.scan(body, length=n, in_axes=scan_axes, **variables)
     name = f"shared_{prefix}" if shared else scanned_name(prefix)
     carry, stacked = scanned(name=name, **fields)(carry, *args)
     if collect:

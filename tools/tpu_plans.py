@@ -64,8 +64,8 @@ def plan_config(name: str):
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
-    lines = ["| plan | topology | mesh | batch | layers | HBM / chip | fits | compile | "
-             "est. step | est. MFU |", "|---" * 10 + "|"]
+    lines = ["| plan | topology | mesh | batch | layers | remat | Mosaic | HBM / chip | fits | "
+             "compile | est. step | est. MFU |", "|---" * 12 + "|"]
     for name, r in rows:
         mesh = " ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
         estimated = r["optimal_seconds"] > 0
@@ -73,6 +73,7 @@ def table(rows: list[tuple[str, dict]]) -> str:
         mfu = f"{r['estimated_mfu']:.0%}" if estimated else "n/a"
         layers = "unrolled" if name.endswith("_unrolled") else "scanned"
         lines.append(f"| {name} | {r['topology']} | {mesh} | {r['batch']} | {layers} | "
+                     f"{r['remat']} | {r['mosaic_kernels']} | "
                      f"{r['total_bytes'] / aot.GIB:.1f} GiB | {'yes' if r['fits'] else 'NO'} | "
                      f"{r['lower_s'] + r['compile_s']:.0f} s | {step} | {mfu} |")
     return "\n".join(lines)

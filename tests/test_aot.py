@@ -69,3 +69,24 @@ def test_compile_command_reports_and_refuses_bad_input(tmp_path):
     assert "fits" in ok.stdout and "compiler estimates" in ok.stdout
     report = json.loads(out.read_text())[0]
     assert report["fits"] and report["batch"] == 8 and "optimal_seconds" in report["estimates"]
+
+
+def test_find_batch_doubles_then_bisects_to_the_largest_fitting_multiple(monkeypatch):
+    """The search logic alone (each probe would be a real compile): HBM grows with the batch,
+    the chip holds 1000 units; batches are multiples of 8."""
+    tried = []
+
+    def fake_compile(cfg, topology, *, batch, remat):
+        tried.append(batch)
+        chip = aot.Chip("test", 1000 / aot.GIB, 1.0, 1)
+        return aot.CompileReport(topology, chip, 8, {}, batch, remat, 0.0, 0.0, 10 * batch, 0,
+                                 0, 0, 0, 0.0, 0.0, 0)
+
+    monkeypatch.setattr(aot, "compile_train_step", fake_compile)
+    best = aot.find_batch(None, "v5p-8", "full", start=16, divisor=8, log=lambda *_: None)
+    assert best.batch == 96 and best.fits  # 96 * 10 <= 1000 < 104 * 10
+    assert tried[:4] == [16, 32, 64, 128] and all(b % 8 == 0 for b in tried)
+    monkeypatch.setattr(aot, "compile_train_step", lambda *a, batch, remat: fake_compile(
+        None, "", batch=batch * 1000, remat=remat))
+    assert aot.find_batch(None, "v5p-8", "full", start=8, divisor=8,
+                          log=lambda *_: None) is None  # not even the smallest fits

@@ -190,6 +190,11 @@ def tiny_setup(config):
     a short run with a higher learning rate than the paper's 1e-4 for billion-image runs."""
     config.optim.update(lr=1e-3, warmup_steps=50)
     config.train.update(steps=600, eval_every=300, ckpt_every=300, log_every=50)
+    # Unrolled, no remat: the setting the documented quick-start quality was measured with.
+    # Side by side on DiT-Air tiny (2026-12-03, one seed each) scan + full remat reached the
+    # same validation loss (0.1046 vs 0.1071) but alignment 0.10 vs 0.16 (128 samples);
+    # until that is understood the tiny runs keep the measured setting.
+    config.model.update(scan_layers=False, remat="none")
     return config
 
 

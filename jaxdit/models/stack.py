@@ -164,6 +164,23 @@ def stack_flat_like(flat: dict, expected: dict) -> dict:
     return out
 
 
+def unstack_tree(tree):
+    """Every ``{prefix}_scan`` subtree anywhere in ``tree`` -> its unrolled blocks
+    ``{prefix}_0 ..`` (the inverse of the scanned layout at every level)."""
+    if not isinstance(tree, dict):
+        return tree
+    for key in [k for k in tree if isinstance(k, str) and k.endswith("_scan")]:
+        tree = unstack_scanned(tree, key[:-len("_scan")])
+    return {k: unstack_tree(v) for k, v in tree.items()}
+
+
+def relayout_like(tree: dict, like: dict) -> dict:
+    """A params / variables ``tree`` in either layout (scanned or unrolled, per stack) ->
+    the layout of ``like``: a checkpoint written by a scanned run loads into an unrolled
+    model and the other way round."""
+    return stack_tree_like(unstack_tree(tree), like)
+
+
 def stack_tree_like(tree: dict, like: dict) -> dict:
     """A nested params / variables ``tree`` in the unrolled layout -> the layout of ``like``
     (e.g. the abstract params of the scanned model): :func:`stack_flat_like` on nested

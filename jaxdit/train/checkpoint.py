@@ -11,12 +11,15 @@ import logging
 import os
 import re
 
+from flax.traverse_util import flatten_dict
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxdit.config_lib import with_defaults
+from jaxdit.models.stack import relayout_like
 from jaxdit.train.state import path_names
 
 
@@ -209,12 +212,39 @@ def save_params(directory: str, params) -> None:
 
 def load_params(directory: str, abstract_params):
     """Restores a params-only checkpoint into ``abstract_params`` (shapes, dtypes and
-    shardings); a tree that does not match raises :class:`CheckpointError` with the cause."""
+    shardings). The blocks may be stored scanned or unrolled whatever the model's
+    ``scan_layers`` (a converter's output fits both); a tree that does not match raises
+    :class:`CheckpointError` naming the differing leaves."""
     path = os.path.abspath(directory)
     if not os.path.isdir(path):
         raise CheckpointError(f"No params checkpoint at {path}.")
     try:
-        return ocp.StandardCheckpointer().restore(path, abstract_params)
+        checkpointer = ocp.PyTreeCheckpointer()
+        stored = checkpointer.metadata(path).item_metadata.tree
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
+        host = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
     except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointError(f"Could not load params from {path} into this model: {e}") from e
+        raise CheckpointError(f"Could not read the params checkpoint at {path}: {e}") from e
+    try:
+        host = relayout_like(host, abstract_params)
+    except ValueError as e:
+        raise CheckpointError(f"Params at {path} do not fit this model: {e}") from e
+    problems = _tree_differences(host, abstract_params)
+    if problems:
+        raise CheckpointError(f"Params at {path} do not fit this model: "
+                              + "; ".join(problems[:8])
+                              + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+    return jax.tree.map(lambda a, want: jax.device_put(a.astype(want.dtype), want.sharding),
+                        host, abstract_params)
+
+
+def _tree_differences(tree, like) -> list[str]:
+    """Missing, unexpected and mis-shaped leaves of ``tree`` against ``like``."""
+    have = {"/".join(map(str, k)): v for k, v in flatten_dict(tree).items()}
+    want = {"/".join(map(str, k)): v for k, v in flatten_dict(like).items()}
+    problems = [f"missing {k} {tuple(v.shape)}" for k, v in want.items() if k not in have]
+    problems += [f"unexpected {k}" for k in have if k not in want]
+    problems += [f"{k}: shape {tuple(have[k].shape)} != {tuple(want[k].shape)}"
+                 for k in have if k in want and tuple(have[k].shape) != tuple(want[k].shape)]
+    return problems
 

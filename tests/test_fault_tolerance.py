@@ -19,6 +19,7 @@ import pytest
 from jaxdit.train.checkpoint import CheckpointError, Checkpointer, IncompatibleCheckpoint
 from jaxdit.train.health import SkipMonitor, TrainingDiverged, nonfinite_paths
 from jaxdit.train.loop import Experiment, save_checkpoint, train_and_evaluate, write_samples
+from jaxdit.train.workdir_lock import LOCK_NAME, WorkdirBusy, WorkdirLock
 from tests.helpers import fixed_batch, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -76,12 +77,75 @@ def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
     while not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.5)
+    # While it trains, the same command again is refused in one line, touching nothing.
+    size = os.path.getsize(metrics)
+    second = subprocess.run(proc.args, cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 1, second.stderr[-3000:]
+    assert f"Error: Another run (pid {proc.pid} on " in second.stderr
+    assert "Traceback" not in second.stderr
+    assert os.path.getsize(metrics) >= size and not os.listdir(os.path.join(wd, "checkpoints"))
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "Preempted (SIGTERM): saved checkpoint step" in out
     steps = [int(s) for s in os.listdir(os.path.join(wd, "checkpoints")) if s.isdigit()]
     assert len(steps) == 1 and steps[0] >= 1
+
+
+SIGTERM_AFTER_FINAL_SAVE_STARTS = """
+import os, signal, sys
+from jaxdit.train import checkpoint
+start_save = checkpoint.Checkpointer.save
+def save(self, step, *args, **kwargs):
+    start_save(self, step, *args, **kwargs)
+    if step == 3:  # the last step: the notice arrives while its async save is in flight
+        os.kill(os.getpid(), signal.SIGTERM)
+checkpoint.Checkpointer.save = save
+from jaxdit.cli.train import run
+sys.argv = ["jaxdit.train"] + sys.argv[1:]
+run()
+"""
+
+
+def test_sigterm_during_the_final_save_lets_it_finish(tmp_path):
+    """A preemption notice while the last checkpoint is being written (it used to kill the
+    process, rc -15, leaving ``3.orbax-checkpoint-tmp``): the save completes, rc 0."""
+    wd = str(tmp_path / "wd")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AFTER_FINAL_SAVE_STARTS, "--config",
+         "experiments/dit_air.py:tiny", "--workdir", wd, "--config.train.steps=3",
+         "--config.train.batch_size=8", "--config.model.depth=1", "--config.train.eval_every=0",
+         "--config.sampler.num_samples=4", "--config.sampler.num_steps=2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "SIGTERM while the run was finishing: its final checkpoint (step 3) is complete" \
+        in proc.stdout
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["3"]
+    ckpt = Checkpointer(os.path.join(wd, "checkpoints"), create=False)
+    assert ckpt.latest_step() == 3
+    ckpt.close()
+
+
+def test_one_run_per_workdir_and_a_dead_runs_lock_is_taken_over(tmp_path, capsys):
+    wd = str(tmp_path / "wd")
+    cfg = tiny_config(steps=1)
+    cfg.model.depth, cfg.sampler.num_samples = 1, 0
+    os.makedirs(wd)
+    with WorkdirLock(wd):  # a live holder: refused before anything is written
+        with pytest.raises(WorkdirBusy, match=rf"Another run \(pid {os.getpid()} on .*use "
+                           "another --workdir"):
+            train_and_evaluate(cfg, wd, jax.devices()[:1])
+    assert os.listdir(wd) == [LOCK_NAME]
+    with open(os.path.join(wd, LOCK_NAME), "w", encoding="utf-8") as f:  # died holding it
+        json.dump({"pid": 999999, "host": "gone", "time": 0}, f)
+    assert train_and_evaluate(cfg, wd, jax.devices()[:1])["checkpoint_step"] == 1
+    out = capsys.readouterr().out
+    assert "took over the lock of a run that did not exit cleanly (pid 999999 on gone" in out
+    with open(os.path.join(wd, LOCK_NAME), encoding="utf-8") as f:
+        assert f.read() == ""  # a clean exit leaves nothing to take over
 
 
 def test_a_finite_gradient_whose_update_is_not_finite_is_skipped():

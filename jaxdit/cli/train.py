@@ -12,6 +12,7 @@ from jaxdit.parallel.mesh import MeshConfigError
 from jaxdit.train.checkpoint import CheckpointError
 from jaxdit.train.health import TrainingDiverged
 from jaxdit.train.loop import train_and_evaluate
+from jaxdit.train.workdir_lock import WorkdirBusy
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path.py:arg).",
@@ -25,7 +26,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user's config, data or run causes: one line on stderr and exit code 1
 # (JAXDIT_DEBUG=1 shows the traceback).
-USER_ERRORS = (ConfigError, MeshConfigError, CheckpointError, TrainingDiverged)
+USER_ERRORS = (ConfigError, MeshConfigError, CheckpointError, TrainingDiverged, WorkdirBusy)
 
 
 def main(argv):
@@ -38,10 +39,21 @@ def main(argv):
     result = run_or_fail(train_and_evaluate, USER_ERRORS, config, FLAGS.workdir)
     if result.get("already_finished"):
         return
-    val = "val/loss" if "val/loss" in result else "val/mse"  # autoencoders report the MSE
-    print(f"Done: loss {result.get('loss', float('nan')):.4g}, {val.replace('/', ' ')} "
-          f"{result.get(val, float('nan')):.4g}, checkpoint step "
-          f"{result['checkpoint_step']}, samples {result.get('samples')}", flush=True)
+    if result.get("preempted") and "loss" not in result:
+        return  # stopped before a step was logged; the loop said what was saved
+    print("Done: " + done_summary(result), flush=True)
+
+
+def done_summary(result: dict) -> str:
+    """``loss 0.1, val loss 0.1, checkpoint step 600, samples <path>``: what the run measured
+    and wrote (a value it did not measure is left out, not printed as NaN)."""
+    parts = [f"loss {result['loss']:.4g}"] if "loss" in result else []
+    parts += [f"{k.replace('/', ' ')} {result[k]:.4g}" for k in ("val/loss", "val/mse")
+              if k in result]  # autoencoders report the MSE
+    parts.append(f"checkpoint step {result['checkpoint_step']}")
+    if result.get("samples"):
+        parts.append(f"samples {result['samples']}")
+    return ", ".join(parts)
 
 
 def run():

@@ -44,6 +44,7 @@ from jaxdit.train.stages import (configure_from_vae, configure_latent_vae, init_
 from jaxdit.train.state import (abstract_state, count_params, create_train_state,
                                  state_shardings)
 from jaxdit.train.step import train_step
+from jaxdit.train.workdir_lock import WorkdirLock
 
 log = logging.getLogger("jaxdit")
 
@@ -311,13 +312,19 @@ class PreemptionGuard:
         self.fired, self.signal_name = True, signal.Signals(signum).name
 
     def requested(self, step: int) -> bool:
+        """Whether to stop after ``step`` (on several hosts: agreed every ``sync_every``)."""
+        if jax.process_count() > 1 and step % self.sync_every:
+            return False
+        return self.requested_now()
+
+    def requested_now(self) -> bool:
+        """Whether any process received the signal (an all-reduce on several hosts)."""
         if jax.process_count() == 1:
             return self.fired
-        if step % self.sync_every:
-            return False
         flags = multihost_utils.process_allgather(np.asarray(self.fired, np.int32))
         self.fired = bool(np.any(flags))
-        self.signal_name = self.signal_name or "SIGTERM on another host"
+        if self.fired:
+            self.signal_name = self.signal_name or "SIGTERM on another host"
         return self.fired
 
 
@@ -352,7 +359,15 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """
     exp = Experiment(config, devices)  # checks the config before anything is written
     os.makedirs(workdir, exist_ok=True)
-    cfg = config
+    # The lock before anything in the workdir is read or written; the SIGTERM guard for the
+    # whole run, so a notice during the final save lets it finish instead of killing it.
+    with WorkdirLock(workdir), PreemptionGuard() as preemption:
+        return _train(exp, workdir, preemption)
+
+
+def _train(exp, workdir: str, preemption: PreemptionGuard) -> dict:
+    """:func:`train_and_evaluate`'s body, inside the workdir lock and the SIGTERM guard."""
+    cfg = exp.config
     is_main = jax.process_index() == 0
     per_host = cfg.train.batch_size // jax.process_count()
     train_ds = make_dataset(cfg, "train", per_host, process_index=jax.process_index(),
@@ -391,46 +406,50 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
             last = {}
             t_start = time.perf_counter()
             final_step = start
-            with PreemptionGuard() as preemption:
-                for step in range(start + 1, cfg.train.steps + 1):
-                    if step > start + 1:
-                        batch = exp.to_global(next(train_iter))
-                    state, metrics = step_fn(state, batch)
-                    skips.add(metrics, step)
-                    saving = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
-                    if step % cfg.train.log_every == 0 or step == cfg.train.steps or saving:
-                        scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                        skips.check(step)
-                        scalars.update(norms.check(step, scalars, saving=saving))
-                        rate = progress.update(step, scalars) or {}
-                        writer.write(step, {**scalars, **{f"perf/{k}": v for k, v in rate.items()}})
-                        last = {**scalars, **rate}
-                    final_step = step
-                    if preemption.requested(step):
-                        save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
-                        ckpt.wait()
-                        print(f"Preempted ({preemption.signal_name}): saved checkpoint step "
-                              f"{step}; rerun the same command to resume.", flush=True)
-                        break
-                    if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                        last.update(evaluate(exp, state, step, writer))
-                    if cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                        write_samples(exp, state, step, workdir)
-                    if saving:
-                        save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
+            for step in range(start + 1, cfg.train.steps + 1):
+                if step > start + 1:
+                    batch = exp.to_global(next(train_iter))
+                state, metrics = step_fn(state, batch)
+                skips.add(metrics, step)
+                saving = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps or saving:
+                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    skips.check(step)
+                    scalars.update(norms.check(step, scalars, saving=saving))
+                    rate = progress.update(step, scalars) or {}
+                    writer.write(step, {**scalars, **{f"perf/{k}": v for k, v in rate.items()}})
+                    last = {**scalars, **rate}
+                final_step = step
+                if preemption.requested(step):
+                    save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
+                    ckpt.wait()
+                    print(f"Preempted ({preemption.signal_name}): saved checkpoint step "
+                          f"{step}; rerun the same command to resume.", flush=True)
+                    last["preempted"] = True
+                    break
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                    last.update(evaluate(exp, state, step, writer))
+                if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                    write_samples(exp, state, step, workdir)
+                if saving:
+                    save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
             progress.close()
-            if preemption.fired:
-                return {**last, "checkpoint_step": final_step, "preempted": True}
+            if last.get("preempted"):
+                return {**last, "checkpoint_step": final_step}
             final_step = int(jax.device_get(state.step))
+            last["checkpoint_step"] = final_step
             evaluated = cfg.train.eval_every and final_step % cfg.train.eval_every == 0
-            if not evaluated:
+            if not evaluated and not preemption.requested_now():
                 last.update(evaluate(exp, state, final_step, writer))
-            if cfg.sampler.num_samples > 0:  # 0: no final sample grid
+            if cfg.sampler.num_samples > 0 and not preemption.requested_now():
                 last["samples"] = write_samples(exp, state, final_step, workdir)
             last["train_time_s"] = time.perf_counter() - t_start
-            last["checkpoint_step"] = final_step
-    finally:  # an error or a stop still finishes the in-flight save
+    finally:  # an error or a stop still finishes the in-flight save (SIGTERM is held off)
         ckpt.close()
         writer.close()
+    if preemption.fired:  # the notice came during the last step's save or after it
+        print(f"{preemption.signal_name} while the run was finishing: its final checkpoint "
+              f"(step {last['checkpoint_step']}) is complete; the run is done.", flush=True)
+        last["preempted"] = True
     check_finished_finite(last, skips)
     return last

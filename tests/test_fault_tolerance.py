@@ -196,6 +196,25 @@ def test_a_nan_weight_is_never_saved_or_drawn(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "samples")
 
 
+def test_no_checkpoint_is_taken_during_a_skip_streak(tmp_path, capsys):
+    """Skipped updates in a row mean a run that may be diverging: its save is refused with
+    a warning, so ``keep`` never rotates the last good checkpoint out."""
+    cfg = tiny_config()
+    skips = SkipMonitor(cfg)
+    skips.last_good_checkpoint = 10
+    ckpt = Checkpointer(str(tmp_path / "ck"), async_save=False)
+    state = {"w": jnp.ones(3)}
+    skips.add({"skipped": jnp.ones(())}, 19)
+    skips.add({"skipped": jnp.ones(())}, 20)
+    assert save_checkpoint(ckpt, 20, state, None, cfg, skips) is False
+    assert ckpt.all_steps() == [] and skips.last_good_checkpoint == 10
+    assert ("not saving checkpoint step 20: its last 2 update(s) were skipped as non-finite; "
+            "the latest checkpoint stays step 10") in capsys.readouterr().out
+    skips.add({"skipped": jnp.zeros(())}, 21)  # a kept update ends the streak
+    assert skips.state()[1] == 0
+    ckpt.close()
+
+
 def test_an_exploding_parameter_norm_is_reported_before_the_save(tmp_path, capsys):
     """optim.lr=1e10: the parameters grow by ~1e8 at once; a warning (and
     param_norm_ratio in the metrics) says so before the checkpoint is written, and the

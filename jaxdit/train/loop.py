@@ -329,15 +329,25 @@ class PreemptionGuard:
 
 
 def save_checkpoint(ckpt: Checkpointer, step: int, state, train_iter, cfg, skips: SkipMonitor):
-    """Saves ``state`` at ``step`` unless it holds a NaN/Inf anywhere (then the run stops:
-    :class:`TrainingDiverged` names the leaves and the last good checkpoint)."""
+    """Saves ``state`` at ``step``; returns whether it did. A state holding a NaN/Inf stops the
+    run (:class:`TrainingDiverged` names the leaves and the last good checkpoint); during a
+    streak of skipped updates nothing is saved (a warning says which checkpoint stays the
+    latest), so ``keep`` never rotates the last good one out for a diverging run's."""
     bad = nonfinite_paths(state)
     if bad:
         raise TrainingDiverged(
             f"Not saving checkpoint step {step}: the train state holds non-finite values "
             f"({', '.join(bad)}); {skips.where()}.")
+    streak = skips.state()[1]
+    if streak:  # a run that may be diverging must not rotate its last good save out
+        last = skips.last_good_checkpoint
+        report(f"WARNING: not saving checkpoint step {step}: its last {streak} update(s) were "
+               f"skipped as non-finite; the latest checkpoint stays "
+               f"{'step ' + str(last) if last is not None else 'none'}.")
+        return False
     ckpt.save(step, state, train_iter, cfg)
     skips.last_good_checkpoint = step
+    return True
 
 
 def check_finished_finite(result: dict, skips: SkipMonitor):
@@ -421,10 +431,12 @@ def _train(exp, workdir: str, preemption: PreemptionGuard) -> dict:
                     last = {**scalars, **rate}
                 final_step = step
                 if preemption.requested(step):
-                    save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
+                    saved = save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
                     ckpt.wait()
-                    print(f"Preempted ({preemption.signal_name}): saved checkpoint step "
-                          f"{step}; rerun the same command to resume.", flush=True)
+                    what = (f"saved checkpoint step {step}" if saved else
+                            f"the latest checkpoint is step {skips.last_good_checkpoint}")
+                    print(f"Preempted ({preemption.signal_name}): {what}; rerun the same "
+                          "command to resume.", flush=True)
                     last["preempted"] = True
                     break
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:

@@ -54,17 +54,14 @@ def test_train_then_sample_from_checkpoint(tmp_path):
 
     # `python -m jaxdit.eval`'s work, in process: validation loss + alignment of samples
     from jaxdit.cli.eval import evaluate_step  # pylint: disable=import-outside-toplevel
-    from jaxdit.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
     import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
     from jaxdit.eval.fid import InceptionV3  # pylint: disable=import-outside-toplevel
     inception = InceptionV3(size=80)  # random weights, small input: the machinery only
     weights = jax.jit(lambda: inception.init(jax.random.PRNGKey(0),
                                              jnp.zeros((1, 32, 32, 3))))()["params"]
-    ckpt = Checkpointer(os.path.join(wd, "checkpoints"), create=False)
-    res = evaluate_step(ckpt, None, num_samples=6, sample_batch=4,
+    res = evaluate_step(wd, None, num_samples=6, sample_batch=4,
                         inception=(inception, weights))
-    ckpt.close()
     assert res["step"] == 3 and res["val/loss"] > 0
     for key in ("align/color", "align/count", "align/shape", "align/overall"):
         assert 0.0 <= res[key] <= 1.0, key

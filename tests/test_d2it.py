@@ -18,7 +18,6 @@ from jaxdit.diffusion.multigrain import (dynamic_grain_loss, masked_grain_tokens
 from jaxdit.models.d2it import MASK_TOKEN, param_counts
 from jaxdit.models.dvae import DVAE, multigrain_noise, neighbor_copy, region_entropy
 from jaxdit.models.registry import build_model
-from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.loop import example_inputs, train_and_evaluate
 from jaxdit.train.state import strip_boxes
 from tests.helpers import tiny_config
@@ -242,8 +241,6 @@ def test_both_stages_train_and_sample_grain_map_then_content(tmp_path, source):
     assert os.listdir(tmp_path / "d2it" / "checkpoints") == ["2"]
     if source == "shapes":  # the stage-2 checkpoint is self-contained: evaluate it alone
         shutil.rmtree(tmp_path / "dvae")
-        ckpt = Checkpointer(str(tmp_path / "d2it" / "checkpoints"), create=False)
-        res = evaluate_step(ckpt, None, num_samples=2, sample_batch=2)
-        ckpt.close()
+        res = evaluate_step(str(tmp_path / "d2it"), None, num_samples=2, sample_batch=2)
         assert res["step"] == 2 and np.isfinite(res["val/loss"])
         assert 0.0 <= res["align/overall"] <= 1.0

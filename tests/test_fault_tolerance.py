@@ -10,14 +10,19 @@ import time
 
 import json
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 
 from jaxdit.train.checkpoint import CheckpointError, Checkpointer, IncompatibleCheckpoint
+from jaxdit.train.checksums import fingerprint
 from jaxdit.train.health import SkipMonitor, TrainingDiverged, nonfinite_paths
+from jaxdit.train.load import load_experiment
 from jaxdit.train.loop import Experiment, save_checkpoint, train_and_evaluate, write_samples
 from jaxdit.train.workdir_lock import LOCK_NAME, WorkdirBusy, WorkdirLock
 from tests.helpers import fixed_batch, tiny_config
@@ -216,28 +221,24 @@ def test_no_checkpoint_is_taken_during_a_skip_streak(tmp_path, capsys):
 
 
 def test_an_exploding_parameter_norm_is_reported_before_the_save(tmp_path, capsys):
-    """optim.lr=1e10: the parameters grow by ~1e8 at once; a warning (and
-    param_norm_ratio in the metrics) says so before the checkpoint is written, and the
-    checkpoint holds only finite values."""
+    """optim.lr=1e10: the parameters grow by ~1e10 at once; a warning (and
+    param_norm_ratio in the metrics) says so when the checkpoint is due. Steps 2 and 3 then
+    overflow and are skipped, so the step-3 save is refused (a streak of skipped updates)
+    and the run reports that no checkpoint was saved: nothing exploded is kept."""
     cfg = tiny_config(steps=3, ckpt_every=3)
     cfg.model.depth = 1
     cfg.optim.update(lr=1e10, warmup_steps=0)
     cfg.sampler.num_samples = 0
     wd = str(tmp_path / "wd")
-    try:
-        train_and_evaluate(cfg, wd, jax.devices()[:2])
-    except TrainingDiverged as e:  # the huge weights may overflow the loss: also reported
-        assert "last good checkpoint" in str(e)
+    result = train_and_evaluate(cfg, wd, jax.devices()[:2])
     out = capsys.readouterr().out
-    assert "WARNING: parameter norm" in out and "saving checkpoint step 3 with it" in out
+    assert "WARNING: parameter norm" in out and "(checkpoint step 3 is due)" in out
+    assert ("not saving checkpoint step 3: its last 2 update(s) were skipped as non-finite; "
+            "the latest checkpoint stays none") in out
+    assert result["checkpoint_step"] is None
+    assert os.listdir(os.path.join(wd, "checkpoints")) == []
     rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
     assert max(r.get("param_norm_ratio", 0) for r in rows) > 1e6
-    exp = Experiment(cfg, jax.devices()[:2])
-    with exp.context():
-        ckpt = Checkpointer(os.path.join(wd, "checkpoints"), create=False)
-        restored, _ = ckpt.restore(exp.abstract_state())
-        ckpt.close()
-        assert nonfinite_paths(restored) == []
 
 
 def test_cli_refuses_a_nan_learning_rate_in_one_line_and_writes_nothing(tmp_path):
@@ -298,3 +299,56 @@ def test_a_resume_with_another_model_is_refused_and_touches_nothing(tmp_path, ca
     with pytest.raises(CheckpointError, match="nothing was moved or deleted"):
         train_and_evaluate(config(4), lone, devices)
     assert sorted(os.listdir(os.path.join(lone, "checkpoints"))) == ["2"]
+
+
+def test_every_single_bit_flip_changes_the_checksum():
+    for dtype, word in ((np.float32, np.uint32), (jnp.bfloat16, np.uint16), (np.int32, np.uint32)):
+        x = np.arange(15).reshape(3, 5).astype(dtype)
+        base = int(fingerprint(jnp.asarray(x)))
+        bits = x.view(word)
+        for i in range(bits.size):
+            for k in range(8 * bits.itemsize):
+                flipped = bits.copy().reshape(-1)
+                flipped[i] ^= word(1 << k)
+                got = int(fingerprint(jnp.asarray(flipped.reshape(bits.shape).view(dtype))))
+                assert got != base, (dtype, i, k)
+    swapped = np.array([1.0, 2.0], np.float32)
+    assert int(fingerprint(jnp.asarray(swapped))) != int(fingerprint(jnp.asarray(swapped[::-1])))
+
+
+def _rewrite_with_one_value_changed(state_dir: str) -> None:
+    """What a flipped bit that still decodes does: the arrays on disk hold another value
+    than was saved (here one parameter + 1), every file and the checksums otherwise intact."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    stored = checkpointer.metadata(state_dir).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
+    tree = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+    kernel = tree["params"]["denoiser"]["final"]["proj"]["kernel"]
+    kernel[0, 0] += 1.0
+    shutil.rmtree(state_dir)
+    checkpointer.save(state_dir, tree)
+
+
+def test_damage_that_still_decodes_is_caught_and_the_previous_checkpoint_used(tmp_path, capsys):
+    cfg = tiny_config(steps=4, ckpt_every=2)
+    cfg.model.depth, cfg.sampler.num_samples = 1, 0
+    wd = str(tmp_path / "wd")
+    devices = jax.devices()[:1]
+    train_and_evaluate(cfg, wd, devices)
+    ckdir = os.path.join(wd, "checkpoints")
+    _rewrite_with_one_value_changed(os.path.join(ckdir, "4", "state"))
+    capsys.readouterr()
+    # jaxdit.sample / jaxdit.eval: the previous step, read-only
+    exp, state, step = load_experiment(wd)
+    assert step == 2 and int(jax.device_get(state.step)) == 2
+    out = capsys.readouterr().out
+    assert "checkpoint step 4 is unreadable or damaged; using step 2 (nothing was moved)" in out
+    assert "params/denoiser/final/proj/kernel" in out and "checksum mismatch" in out
+    assert sorted(os.listdir(ckdir)) == ["2", "4"]
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_experiment(wd, step=4)  # asked for by number: refused, not replaced
+    # the train loop: resumes from step 2, the damaged step kept aside
+    cfg.train.steps = 5
+    assert train_and_evaluate(cfg, wd, devices)["checkpoint_step"] == 5
+    assert "Resumed from checkpoint step 2" in capsys.readouterr().out
+    assert sorted(os.listdir(ckdir)) == ["2", "4", "4.corrupt", "5"]  # 4 redone, intact

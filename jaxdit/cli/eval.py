@@ -23,6 +23,7 @@ from jaxdit.eval.alignment import alignment_scores
 from jaxdit.eval.fid import fid, load_inception
 from jaxdit.cli.common import run_or_fail
 from jaxdit.train.checkpoint import CheckpointError, Checkpointer
+from jaxdit.train.load import load_experiment
 from jaxdit.train.loop import (Experiment, evaluate, sample_condition, state_variables,
                                validation_captions, validation_images)
 from jaxdit.train.metrics import MetricWriter
@@ -80,20 +81,12 @@ def sample_metrics(exp: Experiment, state, num: int, batch: int, seed: int,
     return out
 
 
-def evaluate_step(ckpt: Checkpointer, step: int | None, num_samples: int = 64,
+def evaluate_step(workdir: str, step: int | None, num_samples: int = 64,
                   sample_batch: int = 32, seed: int = 0, inception=None) -> dict:
     """Validation loss, alignment scores and (with ``inception``) FID of checkpoint
-    ``step`` (None: latest)."""
-    config = ckpt.restore_config(step)
-    config.mesh = {"data": 1}
-    config.train.batch_size = max(1, config.train.batch_size // jax.process_count())
-    config.optim.grad_accum = 1
-    exp = Experiment(config, devices=jax.devices()[:1])
-    abstract = exp.abstract_state()
-    step = ckpt.latest_step() if step is None else step
-    run_or_fail(ckpt.check_compatible, (CheckpointError,), step, abstract)
+    ``step`` (None: the newest intact one) of the run in ``workdir``."""
+    exp, state, step = run_or_fail(load_experiment, (CheckpointError,), workdir, step)
     with exp.context():
-        state, step = ckpt.restore(abstract, step=step)
         val = evaluate(exp, state, step, MetricWriter("", enabled=False))
         results = {k: float(v) for k, v in val.items()}
         results.update(sample_metrics(exp, state, num_samples, sample_batch, seed, inception))
@@ -103,22 +96,26 @@ def evaluate_step(ckpt: Checkpointer, step: int | None, num_samples: int = 64,
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
-    ckpt = Checkpointer(os.path.join(FLAGS.workdir, "checkpoints"), create=False)
-    steps = ckpt.all_steps() if FLAGS.all_steps else [FLAGS.step or ckpt.latest_step()]
-    if not steps or steps[0] is None:
-        raise app.UsageError(f"No checkpoints in {FLAGS.workdir}/checkpoints.")
+    steps = [FLAGS.step]  # None: the newest intact checkpoint
+    if FLAGS.all_steps:
+        ckpt = run_or_fail(Checkpointer, (CheckpointError,),
+                           os.path.join(FLAGS.workdir, "checkpoints"), create=False)
+        steps = ckpt.all_steps()
+        ckpt.close()
+        if not steps:
+            raise app.UsageError(f"No checkpoints in {FLAGS.workdir}/checkpoints.")
     out_dir = os.path.join(FLAGS.workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     inception = load_inception(FLAGS.inception_weights) if FLAGS.inception_weights else None
     for step in steps:
-        results = evaluate_step(ckpt, step, FLAGS.num_samples, FLAGS.sample_batch, FLAGS.seed,
-                                inception)
+        results = evaluate_step(FLAGS.workdir, step, FLAGS.num_samples, FLAGS.sample_batch,
+                                FLAGS.seed, inception)
         path = os.path.join(out_dir, f"step_{results['step']:07d}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
         print(" | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                          for k, v in results.items()))
-    ckpt.close()
+        print(f"Wrote {path}", flush=True)
 
 
 def run():

@@ -17,8 +17,9 @@ from absl import app, flags, logging
 from jaxdit.diffusion.samplers import SAMPLERS
 from jaxdit.eval.sampling import make_sample_fn, save_grid, write_captions
 from jaxdit.cli.common import run_or_fail
-from jaxdit.train.checkpoint import CheckpointError, Checkpointer
-from jaxdit.train.loop import Experiment, sample_condition, state_variables
+from jaxdit.train.checkpoint import CheckpointError
+from jaxdit.train.load import load_experiment
+from jaxdit.train.loop import sample_condition, state_variables
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
@@ -57,15 +58,12 @@ def sample_fn_for_size(exp, config, height: int | None, width: int | None):
     return make_sample_fn(exp.model, exp.autoencoder, config, (h, w, 3))
 
 
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
-    ckpt = Checkpointer(os.path.join(FLAGS.workdir, "checkpoints"), create=False)
-    config = ckpt.restore_config(FLAGS.step)
-    for name, key in (("cfg_scale", "cfg_scale"), ("num_steps", "num_steps"),
-                      ("method", "method"), ("sde", "sde")):
+def check_request(config) -> None:
+    """Applies the sampler overrides to the run's ``config`` and checks the prompts or
+    labels against it (raises :class:`app.UsageError`)."""
+    for name in ("cfg_scale", "num_steps", "method", "sde"):
         if getattr(FLAGS, name) is not None:
-            config.sampler[key] = getattr(FLAGS, name)
+            config.sampler[name] = getattr(FLAGS, name)
     class_cond = config.text.kind == "none"
     wanted = FLAGS.label if class_cond else FLAGS.prompt
     if not wanted:
@@ -79,15 +77,18 @@ def main(argv):
                                  f"run from 0 to {classes - 1}.")
     if FLAGS.num_per_prompt < 1:
         raise app.UsageError(f"--num_per_prompt must be at least 1, got {FLAGS.num_per_prompt}.")
-    config.mesh = {"data": 1}  # sample on one device
     config.train.batch_size = 1
-    config.optim.grad_accum = 1
-    exp = Experiment(config, devices=jax.devices()[:1])
-    abstract = exp.abstract_state()
-    step = ckpt.latest_step() if FLAGS.step is None else FLAGS.step
-    run_or_fail(ckpt.check_compatible, (CheckpointError,), step, abstract)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
+    exp, state, step = run_or_fail(load_experiment, (CheckpointError,), FLAGS.workdir,
+                                   FLAGS.step, check_request)
+    config = exp.config
+    class_cond = config.text.kind == "none"
+    wanted = FLAGS.label if class_cond else FLAGS.prompt
     with exp.context():
-        state, step = ckpt.restore(abstract, step=step)
         repeated = [w for w in wanted for _ in range(FLAGS.num_per_prompt)]
         config.sampler.num_samples = len(repeated)
         captions, cond = (sample_condition(exp, labels=repeated) if class_cond
@@ -98,7 +99,6 @@ def main(argv):
                            jax.random.PRNGKey(FLAGS.seed))
     path = save_grid(np.asarray(images), FLAGS.out, cols=FLAGS.num_per_prompt)
     write_captions(captions, os.path.splitext(path)[0] + ".txt", FLAGS.num_per_prompt)
-    ckpt.close()
     print(f"Wrote {len(captions)} samples from checkpoint step {step} to {path}")
 
 

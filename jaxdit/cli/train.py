@@ -50,7 +50,8 @@ def done_summary(result: dict) -> str:
     parts = [f"loss {result['loss']:.4g}"] if "loss" in result else []
     parts += [f"{k.replace('/', ' ')} {result[k]:.4g}" for k in ("val/loss", "val/mse")
               if k in result]  # autoencoders report the MSE
-    parts.append(f"checkpoint step {result['checkpoint_step']}")
+    saved = result.get("checkpoint_step")
+    parts.append(f"checkpoint step {saved}" if saved is not None else "no checkpoint saved")
     if result.get("samples"):
         parts.append(f"samples {result['samples']}")
     return ", ".join(parts)

@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 
 from jaxdit.config_lib import with_defaults
 from jaxdit.models.stack import relayout_like
+from jaxdit.train.checksums import checksums, mismatches
 from jaxdit.train.state import path_names
 
 
@@ -83,8 +84,9 @@ class Checkpointer:
             raise CheckpointError(f"No checkpoint directory at {self.directory}.")
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "config"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_names=("state", "data", "config", "checksums"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -93,7 +95,8 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state, data_iterator=None, config=None):
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.StandardSave(state),
+                 "checksums": ocp.args.JsonSave({"state": checksums(state)})}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config is not None:
@@ -108,10 +111,18 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+        if os.path.isdir(os.path.join(self.directory, str(step), "checksums")):
+            items["checksums"] = ocp.args.JsonRestore()  # absent in saves before 2026-12-04
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # pylint: disable=broad-except
             raise CheckpointError(f"Could not restore step {step} from {self.directory}: {e}") from e
+        if "checksums" in items:
+            bad = mismatches(out["checksums"]["state"], out["state"])
+            if bad:
+                raise CheckpointError(
+                    f"Step {step} in {self.directory} is damaged: {', '.join(bad)} read back "
+                    "with other values than were saved (checksum mismatch).")
         return out["state"], step
 
     def saved_param_shapes(self, step: int) -> dict[str, tuple] | None:

@@ -139,7 +139,7 @@ class ParamNormMonitor:
             return {}
         r = self.ratio(norm)
         if self.exploded(norm) and (saving or r > 10 * self.warned_at):
-            what = f"; saving checkpoint step {step} with it" if saving else ""
+            what = f" (checkpoint step {step} is due)" if saving else ""
             report(f"WARNING: parameter norm {norm:.3g} at step {step} is {r:.3g}x its value "
                    f"at the start of the run ({self.start:.3g}; train.param_norm_warn_ratio="
                    f"{self.limit:g}): the run is likely diverging, consider a lower "

@@ -447,9 +447,9 @@ def _train(exp, workdir: str, preemption: PreemptionGuard) -> dict:
                     save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
             progress.close()
             if last.get("preempted"):
-                return {**last, "checkpoint_step": final_step}
+                return {**last, "checkpoint_step": skips.last_good_checkpoint}
             final_step = int(jax.device_get(state.step))
-            last["checkpoint_step"] = final_step
+            last["checkpoint_step"] = skips.last_good_checkpoint  # None: nothing saved
             evaluated = cfg.train.eval_every and final_step % cfg.train.eval_every == 0
             if not evaluated and not preemption.requested_now():
                 last.update(evaluate(exp, state, final_step, writer))

@@ -352,3 +352,31 @@ def test_damage_that_still_decodes_is_caught_and_the_previous_checkpoint_used(tm
     assert train_and_evaluate(cfg, wd, devices)["checkpoint_step"] == 5
     assert "Resumed from checkpoint step 2" in capsys.readouterr().out
     assert sorted(os.listdir(ckdir)) == ["2", "4", "4.corrupt", "5"]  # 4 redone, intact
+
+
+def test_a_failed_async_save_stops_the_run_at_the_next_step(tmp_path, monkeypatch):
+    """A save that fails in the background (here the checkpointer reports a full disk once
+    step 4's save is under way) stops training at step 5 with one message naming the step,
+    the cause and the last complete checkpoint, instead of a save interval later."""
+    failing = {"on": False}
+    start_save = Checkpointer.save
+
+    def save(self, step, *args, **kwargs):
+        start_save(self, step, *args, **kwargs)
+        failing["on"] = failing["on"] or step == 4
+
+    def check_for_errors(self):  # pylint: disable=unused-argument
+        if failing["on"]:
+            raise OSError("[Errno 28] No space left on device")
+
+    monkeypatch.setattr(Checkpointer, "save", save)
+    monkeypatch.setattr(ocp.CheckpointManager, "check_for_errors", check_for_errors)
+    cfg = tiny_config(steps=8, ckpt_every=2)
+    cfg.model.depth, cfg.sampler.num_samples, cfg.train.log_every = 1, 0, 1
+    wd = str(tmp_path / "wd")
+    with pytest.raises(CheckpointError, match=r"Saving checkpoint step 4 in .* failed: "
+                       r"\[Errno 28\] No space left on device\. The last complete checkpoint "
+                       r"is step 2; fix the cause"):
+        train_and_evaluate(cfg, wd, jax.devices()[:1])
+    rows = [json.loads(line) for line in open(os.path.join(wd, "metrics.jsonl"))]
+    assert max(r["step"] for r in rows) == 4  # step 5 ran, its check stopped the run

@@ -87,6 +87,7 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_names=("state", "data", "config", "checksums"))
+        self._saving = self._complete = None  # the step in flight, the last one before it
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -94,7 +95,23 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def check_saves(self) -> None:
+        """Raises :class:`CheckpointError` at once when an asynchronous save has failed (a
+        full disk, a lost mount), naming the step, the cause and the last complete one."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:  # pylint: disable=broad-except
+            cause = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+            raise CheckpointError(
+                f"Saving checkpoint step {self._saving} in {self.directory} failed: {cause}. "
+                f"The last complete checkpoint is "
+                f"{'step ' + str(self._complete) if self._complete is not None else 'none'}; "
+                "fix the cause (e.g. free disk space) and rerun the same command to resume "
+                "from it.") from e
+
     def save(self, step: int, state, data_iterator=None, config=None):
+        self.check_saves()  # the previous save finished, or its failure is reported now
+        self._complete, self._saving = self.latest_step(), step
         items = {"state": ocp.args.StandardSave(state),
                  "checksums": ocp.args.JsonSave({"state": checksums(state)})}
         if data_iterator is not None:
@@ -209,9 +226,26 @@ class Checkpointer:
     def wait(self):
         self.manager.wait_until_finished()
 
-    def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def close(self, raise_errors: bool = True):
+        """Waits for the save in flight and closes. Its failure raises
+        :class:`CheckpointError` (one line), or with ``raise_errors=False`` (the run is
+        stopping for another error) becomes one warning."""
+        try:
+            self.manager.wait_until_finished()
+            self.check_saves()
+        except Exception as e:  # pylint: disable=broad-except
+            if raise_errors:
+                raise e if isinstance(e, CheckpointError) else CheckpointError(
+                    f"Saving checkpoint step {self._saving} in {self.directory} failed: "
+                    f"{str(e)[:300]}") from e
+            logging.warning("The checkpoint save in flight failed while stopping: %s",
+                            str(e)[:300])
+        finally:
+            try:
+                self.manager.close()
+            except Exception:  # pylint: disable=broad-except
+                if raise_errors:
+                    raise
 
 
 def save_params(directory: str, params) -> None:

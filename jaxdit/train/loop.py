@@ -388,80 +388,95 @@ def _train(exp, workdir: str, preemption: PreemptionGuard) -> dict:
     writer = MetricWriter(workdir, enabled=is_main)
     skips = SkipMonitor(cfg)
     try:
-        with exp.context():
-            if ckpt.latest_step() is not None:
-                state, start = ckpt.restore_latest_valid(exp.abstract_state(), train_iter, cfg)
-                skips.last_good_checkpoint = start
-                log.info("Resumed from step %d", start)
-                print(f"Resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
-            else:
-                state, start = exp.create_state(), 0
-                if cfg.train.init_params_from:
-                    state = init_params(state, exp, cfg.train.init_params_from)
-            if start >= cfg.train.steps:  # restored first: a damaged last step is redone
-                print(f"The run in {workdir} already finished: its checkpoint is at step {start} "
-                      f"of train.steps={cfg.train.steps}. Nothing to train; raise "
-                      "--config.train.steps to continue it.", flush=True)
-                return {"checkpoint_step": start, "already_finished": True}
-            if is_main:  # only once the workdir's checkpoint (if any) fits this config
-                with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                    f.write(cfg.to_json_best_effort(indent=2))
-            n_params = count_params(state.params)
-            print(f"Model {cfg.model.family}: {n_params / 1e6:.2f}M params | mesh "
-                  f"{dict(exp.mesh.shape)} | global batch {cfg.train.batch_size}", flush=True)
-            batch = exp.to_global(next(train_iter))
-            step_fn = exp.jit_train_step(batch)
-            progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.train.batch_size)
-            norms = ParamNormMonitor(cfg, state.params)
-            last = {}
-            t_start = time.perf_counter()
-            final_step = start
-            for step in range(start + 1, cfg.train.steps + 1):
-                if step > start + 1:
-                    batch = exp.to_global(next(train_iter))
-                state, metrics = step_fn(state, batch)
-                skips.add(metrics, step)
-                saving = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps or saving:
-                    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    skips.check(step)
-                    scalars.update(norms.check(step, scalars, saving=saving))
-                    rate = progress.update(step, scalars) or {}
-                    writer.write(step, {**scalars, **{f"perf/{k}": v for k, v in rate.items()}})
-                    last = {**scalars, **rate}
-                final_step = step
-                if preemption.requested(step):
-                    saved = save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
-                    ckpt.wait()
-                    what = (f"saved checkpoint step {step}" if saved else
-                            f"the latest checkpoint is step {skips.last_good_checkpoint}")
-                    print(f"Preempted ({preemption.signal_name}): {what}; rerun the same "
-                          "command to resume.", flush=True)
-                    last["preempted"] = True
-                    break
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0:
-                    last.update(evaluate(exp, state, step, writer))
-                if cfg.train.sample_every and step % cfg.train.sample_every == 0:
-                    write_samples(exp, state, step, workdir)
-                if saving:
-                    save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
-            progress.close()
-            if last.get("preempted"):
-                return {**last, "checkpoint_step": skips.last_good_checkpoint}
-            final_step = int(jax.device_get(state.step))
-            last["checkpoint_step"] = skips.last_good_checkpoint  # None: nothing saved
-            evaluated = cfg.train.eval_every and final_step % cfg.train.eval_every == 0
-            if not evaluated and not preemption.requested_now():
-                last.update(evaluate(exp, state, final_step, writer))
-            if cfg.sampler.num_samples > 0 and not preemption.requested_now():
-                last["samples"] = write_samples(exp, state, final_step, workdir)
-            last["train_time_s"] = time.perf_counter() - t_start
-    finally:  # an error or a stop still finishes the in-flight save (SIGTERM is held off)
-        ckpt.close()
+        last = _run(exp, workdir, preemption, ckpt, writer, skips, train_iter)
+    except BaseException:  # an error or a stop still finishes the in-flight save, quietly:
+        ckpt.close(raise_errors=False)  # the error that stopped the run is the one to see
         writer.close()
+        raise
+    ckpt.close()  # SIGTERM is held off meanwhile; a failed final save is reported
+    writer.close()
+    if last.get("already_finished") or last.get("preempted"):
+        return last
     if preemption.fired:  # the notice came during the last step's save or after it
         print(f"{preemption.signal_name} while the run was finishing: its final checkpoint "
               f"(step {last['checkpoint_step']}) is complete; the run is done.", flush=True)
         last["preempted"] = True
     check_finished_finite(last, skips)
+    return last
+
+
+def _run(exp, workdir: str, preemption: PreemptionGuard, ckpt: Checkpointer,
+         writer: MetricWriter, skips: SkipMonitor, train_iter) -> dict:
+    """Restore or initialise, then train, validate, sample and save: the last metrics."""
+    cfg = exp.config
+    is_main = jax.process_index() == 0
+    with exp.context():
+        if ckpt.latest_step() is not None:
+            state, start = ckpt.restore_latest_valid(exp.abstract_state(), train_iter, cfg)
+            skips.last_good_checkpoint = start
+            log.info("Resumed from step %d", start)
+            print(f"Resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
+        else:
+            state, start = exp.create_state(), 0
+            if cfg.train.init_params_from:
+                state = init_params(state, exp, cfg.train.init_params_from)
+        if start >= cfg.train.steps:  # restored first: a damaged last step is redone
+            print(f"The run in {workdir} already finished: its checkpoint is at step {start} "
+                  f"of train.steps={cfg.train.steps}. Nothing to train; raise "
+                  "--config.train.steps to continue it.", flush=True)
+            return {"checkpoint_step": start, "already_finished": True}
+        if is_main:  # only once the workdir's checkpoint (if any) fits this config
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                f.write(cfg.to_json_best_effort(indent=2))
+        n_params = count_params(state.params)
+        print(f"Model {cfg.model.family}: {n_params / 1e6:.2f}M params | mesh "
+              f"{dict(exp.mesh.shape)} | global batch {cfg.train.batch_size}", flush=True)
+        batch = exp.to_global(next(train_iter))
+        step_fn = exp.jit_train_step(batch)
+        progress = Progress(cfg.train.steps, cfg.train.log_every, cfg.train.batch_size)
+        norms = ParamNormMonitor(cfg, state.params)
+        last = {}
+        t_start = time.perf_counter()
+        final_step = start
+        for step in range(start + 1, cfg.train.steps + 1):
+            if step > start + 1:
+                batch = exp.to_global(next(train_iter))
+            state, metrics = step_fn(state, batch)
+            ckpt.check_saves()  # a failed async save stops the run at once
+            skips.add(metrics, step)
+            saving = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps or saving:
+                scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                skips.check(step)
+                scalars.update(norms.check(step, scalars, saving=saving))
+                rate = progress.update(step, scalars) or {}
+                writer.write(step, {**scalars, **{f"perf/{k}": v for k, v in rate.items()}})
+                last = {**scalars, **rate}
+            final_step = step
+            if preemption.requested(step):
+                saved = save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
+                ckpt.wait()
+                what = (f"saved checkpoint step {step}" if saved else
+                        f"the latest checkpoint is step {skips.last_good_checkpoint}")
+                print(f"Preempted ({preemption.signal_name}): {what}; rerun the same "
+                      "command to resume.", flush=True)
+                last["preempted"] = True
+                break
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0:
+                last.update(evaluate(exp, state, step, writer))
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0:
+                write_samples(exp, state, step, workdir)
+            if saving:
+                save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
+        progress.close()
+        if last.get("preempted"):
+            return {**last, "checkpoint_step": skips.last_good_checkpoint}
+        final_step = int(jax.device_get(state.step))
+        last["checkpoint_step"] = skips.last_good_checkpoint  # None: nothing saved
+        evaluated = cfg.train.eval_every and final_step % cfg.train.eval_every == 0
+        if not evaluated and not preemption.requested_now():
+            last.update(evaluate(exp, state, final_step, writer))
+        if cfg.sampler.num_samples > 0 and not preemption.requested_now():
+            last["samples"] = write_samples(exp, state, final_step, workdir)
+        last["train_time_s"] = time.perf_counter() - t_start
     return last

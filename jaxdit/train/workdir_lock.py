@@ -63,11 +63,16 @@ class WorkdirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             held_by = _holder(os.pread(fd, 4096, 0).decode("utf-8", "replace"))
             os.close(fd)
             return (f"Another run ({held_by}) is using {os.path.dirname(self.path)}: wait "
                     f"for it to finish, stop it, or use another --workdir. (Lock: {self.path})")
+        except OSError as e:  # a filesystem without flock (some network mounts)
+            os.close(fd)
+            self.warn(f"Warning: cannot lock {self.path} ({e.strerror}); running without the "
+                      "one-run-per-workdir check: do not start a second run on this workdir.")
+            return ""
         left = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
         if left:
             self.warn(f"Warning: took over the lock of a run that did not exit cleanly "

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 
-from flax.traverse_util import flatten_dict
 import grain
 import jax
 import ml_collections
@@ -255,6 +254,15 @@ def save_params(directory: str, params) -> None:
     ckptr.wait_until_finished()
 
 
+def read_arrays(path: str):
+    """The pytree saved at ``path`` (one Orbax pytree item) as host numpy arrays, in its
+    own structure, whatever the model."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    stored = checkpointer.metadata(path).item_metadata.tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+
+
 def load_params(directory: str, abstract_params):
     """Restores a params-only checkpoint into ``abstract_params`` (shapes, dtypes and
     shardings). The blocks may be stored scanned or unrolled whatever the model's
@@ -264,32 +272,16 @@ def load_params(directory: str, abstract_params):
     if not os.path.isdir(path):
         raise CheckpointError(f"No params checkpoint at {path}.")
     try:
-        checkpointer = ocp.PyTreeCheckpointer()
-        stored = checkpointer.metadata(path).item_metadata.tree
-        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), stored)
-        host = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
+        host = read_arrays(path)
     except Exception as e:  # pylint: disable=broad-except
         raise CheckpointError(f"Could not read the params checkpoint at {path}: {e}") from e
     try:
         host = relayout_like(host, abstract_params)
     except ValueError as e:
         raise CheckpointError(f"Params at {path} do not fit this model: {e}") from e
-    problems = _tree_differences(host, abstract_params)
+    problems = shape_differences(param_shapes(host), param_shapes(abstract_params), limit=8)
     if problems:
         raise CheckpointError(f"Params at {path} do not fit this model: "
-                              + "; ".join(problems[:8])
-                              + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+                              + "; ".join(problems))
     return jax.tree.map(lambda a, want: jax.device_put(a.astype(want.dtype), want.sharding),
                         host, abstract_params)
-
-
-def _tree_differences(tree, like) -> list[str]:
-    """Missing, unexpected and mis-shaped leaves of ``tree`` against ``like``."""
-    have = {"/".join(map(str, k)): v for k, v in flatten_dict(tree).items()}
-    want = {"/".join(map(str, k)): v for k, v in flatten_dict(like).items()}
-    problems = [f"missing {k} {tuple(v.shape)}" for k, v in want.items() if k not in have]
-    problems += [f"unexpected {k}" for k in have if k not in want]
-    problems += [f"{k}: shape {tuple(have[k].shape)} != {tuple(want[k].shape)}"
-                 for k in have if k in want and tuple(have[k].shape) != tuple(want[k].shape)]
-    return problems
-

@@ -437,7 +437,6 @@ def _run(exp, workdir: str, preemption: PreemptionGuard, ckpt: Checkpointer,
         norms = ParamNormMonitor(cfg, state.params)
         last = {}
         t_start = time.perf_counter()
-        final_step = start
         for step in range(start + 1, cfg.train.steps + 1):
             if step > start + 1:
                 batch = exp.to_global(next(train_iter))
@@ -452,7 +451,6 @@ def _run(exp, workdir: str, preemption: PreemptionGuard, ckpt: Checkpointer,
                 rate = progress.update(step, scalars) or {}
                 writer.write(step, {**scalars, **{f"perf/{k}": v for k, v in rate.items()}})
                 last = {**scalars, **rate}
-            final_step = step
             if preemption.requested(step):
                 saved = save_checkpoint(ckpt, step, state, train_iter, cfg, skips)
                 ckpt.wait()

@@ -84,7 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         source="shapes", image_size=32, num_train=50_000, num_val=512, max_objects=3, seed=0,
-        caption_dropout=0.1, folder="", val_folder="", tfds_name="", tfds_data_dir="",
+        caption_dropout=0.1, folder="", val_folder="", strict=False, tfds_name="", tfds_data_dir="",
         tfds_train_split="train", tfds_val_split="test", tfds_label_key="label",
         tfds_caption_key="", extra_vocab="", system_prompt="", sample_system_prompt="",
         # Variable resolution (Lumina): images go to the nearest aspect-ratio bucket with at

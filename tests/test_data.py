@@ -5,6 +5,7 @@ from PIL import Image
 
 from jaxdit.data import shapes
 from jaxdit.data.pipeline import make_dataset, make_tokenizer
+from jaxdit.config_lib import ConfigError
 from jaxdit.data.sources import ImageFolderSource, TfdsSource
 from jaxdit.data.tokenizer import BOS, UNK
 from tests.helpers import tiny_config
@@ -119,6 +120,26 @@ def test_image_folder_source(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="No images"):
         ImageFolderSource(str(tmp_path / "empty"), 16)
+
+
+def test_unreadable_images_and_captions_are_skipped_or_refused(tmp_path, capsys):
+    """One corrupt image and one caption that is not UTF-8 among 5: left out with one
+    warning naming them (the run goes on), or, under ``data.strict``, refused in one line."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"a red circle {i}\n")
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(tmp_path / "latin1.png")
+    (tmp_path / "latin1.txt").write_bytes("un caf\xe9 rouge".encode("latin-1"))
+    src = ImageFolderSource(str(tmp_path), 16)
+    assert len(src) == 3 and all(src[i]["caption"].startswith("a red circle") for i in range(3))
+    out = capsys.readouterr().out
+    assert ("skipping 2 of 5 images under" in out and "broken.png (not an image" in out
+            and "latin1.png (caption latin1.txt is not UTF-8)" in out)
+    with pytest.raises(ConfigError, match=r"2 of 5 images under .* cannot be read: .*"
+                       r"data.strict=False to skip them"):
+        ImageFolderSource(str(tmp_path), 16, strict=True)
 
 
 def test_tfds_source_with_mock_data():

@@ -48,7 +48,8 @@ def make_source(data_cfg, split: str, sizes=None):
         root = data_cfg.folder if split == "train" else (data_cfg.val_folder or data_cfg.folder)
         if not root:
             raise ValueError("data.source='folder' needs data.folder=<directory of images>.")
-        return ImageFolderSource(root, data_cfg.image_size, sizes)
+        return ImageFolderSource(root, data_cfg.image_size, sizes,
+                                 strict=data_cfg.strict)
     if kind == "cached":
         return cache.CachedSource(data_cfg.cache_dir if split == "train"
                                   else (data_cfg.val_cache_dir or data_cfg.cache_dir))

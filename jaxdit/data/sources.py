@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from jaxdit.config_lib import ConfigError
 from jaxdit.data.buckets import nearest_bucket, resize_to_bucket
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -45,6 +46,26 @@ def fit_image(img: np.ndarray, size: int, buckets=None) -> np.ndarray:
     return resize_to_bucket(img, nearest_bucket(img.shape[0], img.shape[1], buckets))
 
 
+_WARNED: set[str] = set()  # roots whose skipped files were reported (once per process)
+
+
+def unreadable(path: Path) -> str:
+    """Why the image at ``path`` or its ``.txt`` caption cannot be read ("" if both can):
+    the image's header is identified (no pixels decoded) and the caption must be UTF-8."""
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        return f"not an image: {type(e).__name__}"
+    txt = path.with_suffix(".txt")
+    if txt.exists():
+        try:
+            txt.read_bytes().decode("utf-8")
+        except UnicodeDecodeError:
+            return f"caption {txt.name} is not UTF-8"
+    return ""
+
+
 class ImageFolderSource:
     """Images under ``root`` (recursively) with captions in same-stem ``.txt`` files.
 
@@ -52,18 +73,39 @@ class ImageFolderSource:
     directly in ``root`` - so ``root/<class>/<img>`` works for class-conditional training.
     """
 
-    def __init__(self, root: str, image_size: int, buckets=None):
+    def __init__(self, root: str, image_size: int, buckets=None, strict: bool = False):
         self.root, self.image_size = str(root), int(image_size)
         self.buckets = buckets
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"Image folder {self.root!r} does not exist.")
         files = sorted(p for p in Path(self.root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = self._readable(files, strict)
         if not files:
             raise ValueError(f"No images ({', '.join(IMAGE_SUFFIXES)}) found under {self.root!r}.")
         self.files = [str(p) for p in files]
         classes = sorted({p.relative_to(self.root).parts[0] for p in files
                           if len(p.relative_to(self.root).parts) > 1})
         self.class_index = {c: i for i, c in enumerate(classes)}
+
+    def _readable(self, files: list[Path], strict: bool) -> list[Path]:
+        """``files`` whose image header and caption can be read; the others are left out
+        with one warning naming the first few (``strict``: refused instead)."""
+        bad = [(p, why) for p in files if (why := unreadable(p))]
+        if not bad:
+            return files
+        names = ", ".join(f"{p.relative_to(self.root)} ({why})" for p, why in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        if strict:
+            raise ConfigError(f"{len(bad)} of {len(files)} images under {self.root!r} cannot "
+                              f"be read: {names}{more}. Fix or remove them, or set "
+                              "data.strict=False to skip them.")
+        if self.root not in _WARNED:
+            _WARNED.add(self.root)
+            print(f"Warning: skipping {len(bad)} of {len(files)} images under {self.root!r} "
+                  f"that cannot be read: {names}{more} (data.strict=True refuses instead).",
+                  flush=True)
+        skip = {p for p, _ in bad}
+        return [p for p in files if p not in skip]
 
     def __len__(self):
         return len(self.files)
@@ -76,7 +118,7 @@ class ImageFolderSource:
         with Image.open(path) as im:
             img = np.asarray(im.convert("RGB"))
         txt = path.with_suffix(".txt")
-        caption = txt.read_text().strip() if txt.exists() else ""
+        caption = txt.read_text(encoding="utf-8").strip() if txt.exists() else ""
         parts = path.relative_to(self.root).parts
         label = self.class_index.get(parts[0], 0) if len(parts) > 1 else 0
         return {"image": fit_image(img, self.image_size, self.buckets), "caption": caption,

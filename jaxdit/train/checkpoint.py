@@ -181,12 +181,14 @@ class Checkpointer:
             f"{'this config' if config is not None else 'its own config'}'s model "
             f"({'; '.join(what)}). Nothing was changed.{advice}")
 
-    def restore_latest_valid(self, abstract_state, data_iterator=None, config=None):
+    def restore_latest_valid(self, abstract_state, data_iterator=None, config=None,
+                             move_aside: bool = True):
         """Restores the newest readable step. Every step is first checked against the
         model (:meth:`check_compatible`: a mismatch is refused, nothing touched). A step
-        that fails to restore (corrupt or partial files) is moved aside to
-        ``<step>.corrupt`` with a warning, but only once an older step has restored:
-        without a good copy nothing is moved. Returns ``(state, step)``."""
+        that fails to restore (corrupt or partial files, a checksum mismatch) is moved aside
+        to ``<step>.corrupt`` with a warning, but only once an older step has restored:
+        without a good copy nothing is moved. ``move_aside=False`` (sampling, evaluation)
+        only warns. Returns ``(state, step)``."""
         unreadable = []
         for step in sorted(self.all_steps(), reverse=True):
             self.check_compatible(step, abstract_state, config)
@@ -196,9 +198,13 @@ class Checkpointer:
                 unreadable.append((step, e))
                 continue
             for bad, e in unreadable:
-                aside = self._move_aside(bad)
-                msg = (f"WARNING: checkpoint step {bad} is unreadable; moved it to {aside} "
-                       f"and resumed from step {step}. Cause: {str(e)[:300]}")
+                if move_aside:
+                    msg = (f"checkpoint step {bad} is unreadable; moved it to "
+                           f"{self._move_aside(bad)} and resumed from step {step}.")
+                else:
+                    msg = (f"checkpoint step {bad} is unreadable or damaged; using step "
+                           f"{step} (nothing was moved).")
+                msg = f"WARNING: {msg} Cause: {str(e)[:300]}"
                 logging.warning(msg)
                 print(msg, flush=True)
             return state, step

@@ -12,8 +12,7 @@ from typing import Callable
 
 import jax
 
-from jaxdit.train.checkpoint import CheckpointError, Checkpointer, IncompatibleCheckpoint
-from jaxdit.train.health import report
+from jaxdit.train.checkpoint import CheckpointError, Checkpointer
 from jaxdit.train.loop import Experiment
 
 
@@ -26,52 +25,48 @@ def _for_one_device(config) -> None:
 def load_experiment(workdir: str, step: int | None = None,
                     adjust: Callable | None = None):
     """``(exp, state, step)`` of the run in ``workdir`` at ``step`` (None: the newest
-    intact checkpoint). ``adjust(config)`` edits the restored config in place before the
-    model is built (sampler overrides, argument checks that may raise).
+    intact checkpoint, as :meth:`Checkpointer.restore_latest_valid` finds it, read-only).
+    ``adjust(config)`` edits the run's config in place before the model is built (sampler
+    overrides, argument checks that may raise).
 
     Raises :class:`CheckpointError` when no checkpoint (or not ``step``) restores, naming
     each cause; :class:`IncompatibleCheckpoint` when one does not fit its own config."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), create=False)
     try:
-        steps = sorted(ckpt.all_steps(), reverse=True) if step is None else [step]
-        if step is not None and step not in ckpt.all_steps():
-            raise CheckpointError(f"No checkpoint step {step} in {ckpt.directory}; it has "
-                                  f"steps {sorted(ckpt.all_steps())}.")
+        steps = ckpt.all_steps()
         if not steps:
             raise CheckpointError(f"No checkpoints in {ckpt.directory}: train first "
                                   "(python -m jaxdit.train --workdir ...).")
-        failures = []
-        for candidate in steps:
-            try:
-                exp, state = _restore(ckpt, candidate, adjust)
-            except IncompatibleCheckpoint:
-                raise
-            except CheckpointError as e:
-                if step is not None:  # asked for by number: its own cause, not another step
-                    raise
-                failures.append((candidate, e))
-                continue
-            for bad, e in failures:
-                report(f"WARNING: checkpoint step {bad} is unreadable or damaged; using step "
-                       f"{candidate} (nothing was moved). Cause: {str(e)[:300]}")
-            return exp, state, candidate
-        causes = "; ".join(f"step {s}: {str(e)[:200]}" for s, e in failures)
-        raise CheckpointError(f"No checkpoint in {ckpt.directory} restores ({causes}).")
+        if step is not None and step not in steps:
+            raise CheckpointError(f"No checkpoint step {step} in {ckpt.directory}; it has "
+                                  f"steps {sorted(steps)}.")
+        exp = Experiment(_run_config(ckpt, [step] if step is not None else steps, adjust),
+                         devices=jax.devices()[:1])
+        abstract = exp.abstract_state()
+        with exp.context():
+            if step is not None:
+                ckpt.check_compatible(step, abstract)
+                state, _ = ckpt.restore(abstract, step=step)
+                return exp, state, step
+            state, found = ckpt.restore_latest_valid(abstract, move_aside=False)
+        return exp, state, found
     finally:
         ckpt.close()
 
 
-def _restore(ckpt: Checkpointer, step: int, adjust):
-    try:
-        config = ckpt.restore_config(step)
-    except Exception as e:  # pylint: disable=broad-except
-        raise CheckpointError(f"its config cannot be read: {e}") from e
+def _run_config(ckpt: Checkpointer, steps: list[int], adjust):
+    """The config saved with the newest of ``steps`` whose config reads, made for one
+    device and ``adjust``-ed."""
+    causes = []
+    for step in sorted(steps, reverse=True):
+        try:
+            config = ckpt.restore_config(step)
+            break
+        except Exception as e:  # pylint: disable=broad-except
+            causes.append(f"step {step}: {str(e)[:200]}")
+    else:
+        raise CheckpointError(f"No readable config in {ckpt.directory} ({'; '.join(causes)}).")
     _for_one_device(config)
     if adjust is not None:
         adjust(config)
-    exp = Experiment(config, devices=jax.devices()[:1])
-    abstract = exp.abstract_state()
-    ckpt.check_compatible(step, abstract)
-    with exp.context():
-        state, _ = ckpt.restore(abstract, step=step)
-    return exp, state
+    return config

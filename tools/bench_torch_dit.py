@@ -6,7 +6,7 @@ counting as ``tools/bench_train_step.py`` so the two print comparable MFU.
   python tools/bench_train_step.py --config experiments/race_dit.py:XL-dense --batch 128 \\
       --optim adamw --attn_impl cudnn --remat none          # the same model in jaxdit
 
-The jaxdit side is Race-DiT's dense DiT, the architecture ``jaxdit.models.convert``
+The jaxdit side is Race-DiT's dense DiT, the architecture ``jaxdit.convert.dit``
 loads diffusers DiT weights into (its parity test proves the two compute the same
 function). Inputs are cached latents (32x32x4, ImageNet 256 through SD-VAE) and class
 labels; flow-matching loss; AdamW over fp32 params. Needs torch with CUDA and diffusers.

@@ -1,4 +1,4 @@
-"""``python -m jaxdit.compile --config experiments/dit_air.py:XL --topology v5p-128``
+"""``jaxdit compile --config experiments/dit_air.py:XL --topology v5p-128``
 
 Compiles the config's real train step ahead of time for a TPU slice, on any host (a CPU
 machine with libtpu installed: ``pip install -e ".[tpu]"``), and prints per-chip HBM
@@ -6,10 +6,10 @@ machine with libtpu installed: ``pip install -e ".[tpu]"``), and prints per-chip
 compile times, and the compiler's estimates of FLOPs, step time and MFU (XLA's cost model:
 estimates, not measurements). Inputs are cached features (latents and text features), as
 in large runs. ``--find_batch`` prints the largest global batch that fits for each remat
-policy. Examples::
+policy. Also ``python -m jaxdit.compile``. Examples::
 
-  python -m jaxdit.compile --config experiments/dit_air.py:B --topology v5p:2x2x1 --batch 64
-  python -m jaxdit.compile --config experiments/race_dit.py:XL-8in32 --topology v5p-128 \\
+  jaxdit compile --config experiments/dit_air.py:B --topology v5p:2x2x1 --batch 64
+  jaxdit compile --config experiments/race_dit.py:XL-8in32 --topology v5p-128 \\
       --find_batch --json plan.json
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host only compiles; libtpu serves the topology
 
 import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from jaxdit.cli.common import fail, load_config, run_or_fail  # noqa: E402
+from jaxdit.cli.common import fail, load_config, reject_stray, run_app, run_or_fail  # noqa: E402
 from jaxdit.config_lib import ConfigError  # noqa: E402
 from jaxdit.models.base import REMAT_POLICIES  # noqa: E402
 from jaxdit.parallel.mesh import MeshConfigError, batch_divisor, make_mesh  # noqa: E402
@@ -60,8 +60,7 @@ def _find_batches(config) -> list:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    reject_stray(argv, __name__)
     logging.set_verbosity(logging.WARNING)
     jax.config.update("jax_threefry_partitionable", True)
     config = load_config(FLAGS)
@@ -83,4 +82,4 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_app(main, __name__, __doc__)

@@ -1,4 +1,4 @@
-"""``python -m jaxdit.eval --workdir DIR [--step N | --all_steps] [--num_samples 64]``
+"""``jaxdit eval --workdir DIR [--step N | --all_steps] [--num_samples 64]``
 
 Evaluates checkpoints of a training workdir with the config saved in them: validation
 loss (flow-matching loss on ``train.val_batches`` validation batches, EMA weights, the
@@ -7,6 +7,10 @@ score of samples drawn for the first ``--num_samples`` validation captions (or c
 for class-conditional models), per category (:mod:`jaxdit.eval.alignment`); with
 ``--inception_weights`` also the FID of those samples against as many validation images
 (:mod:`jaxdit.eval.fid`). Results are printed and written to ``DIR/eval/step_<N>.json``.
+Also ``python -m jaxdit.eval``. Examples::
+
+  jaxdit eval --workdir workdirs/tiny
+  jaxdit eval --workdir workdirs/tiny --all_steps --num_samples 64
 """
 from __future__ import annotations
 
@@ -16,12 +20,13 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from jaxdit.data import shapes
 from jaxdit.eval.alignment import alignment_scores
 from jaxdit.eval.fid import fid, load_inception
-from jaxdit.cli.common import run_or_fail
+from jaxdit.cli.common import fail, reject_stray, run_app, run_or_fail
+from jaxdit.cli.errors import INPUT_ERRORS
 from jaxdit.train.checkpoint import CheckpointError, Checkpointer
 from jaxdit.train.load import load_experiment
 from jaxdit.train.loop import (Experiment, evaluate, sample_condition, state_variables,
@@ -85,7 +90,7 @@ def evaluate_step(workdir: str, step: int | None, num_samples: int = 64,
                   sample_batch: int = 32, seed: int = 0, inception=None) -> dict:
     """Validation loss, alignment scores and (with ``inception``) FID of checkpoint
     ``step`` (None: the newest intact one) of the run in ``workdir``."""
-    exp, state, step = run_or_fail(load_experiment, (CheckpointError,), workdir, step)
+    exp, state, step = run_or_fail(load_experiment, INPUT_ERRORS, workdir, step)
     with exp.context():
         val = evaluate(exp, state, step, MetricWriter("", enabled=False))
         results = {k: float(v) for k, v in val.items()}
@@ -94,7 +99,7 @@ def evaluate_step(workdir: str, step: int | None, num_samples: int = 64,
 
 
 def main(argv):
-    del argv
+    reject_stray(argv, __name__)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
     steps = [FLAGS.step]  # None: the newest intact checkpoint
     if FLAGS.all_steps:
@@ -103,7 +108,8 @@ def main(argv):
         steps = ckpt.all_steps()
         ckpt.close()
         if not steps:
-            raise app.UsageError(f"No checkpoints in {FLAGS.workdir}/checkpoints.")
+            fail(f"no checkpoints in {FLAGS.workdir}/checkpoints: train first, or pass the "
+                 "workdir of a run that saved one.")
     out_dir = os.path.join(FLAGS.workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     inception = load_inception(FLAGS.inception_weights) if FLAGS.inception_weights else None
@@ -119,4 +125,4 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    run_app(main, __name__, __doc__)

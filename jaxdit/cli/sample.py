@@ -1,9 +1,15 @@
-"""``python -m jaxdit.sample --workdir DIR --prompt "a red circle" --out grid.png``
+"""``jaxdit sample --workdir DIR --prompt "a red circle" [--prompt ...] [--out grid.png]``
 
 Loads the config saved in the checkpoint and the EMA weights of the latest (or ``--step``)
-checkpoint, and writes a grid with ``--num_per_prompt`` samples per prompt (one row each).
-Class-conditional models (Race-DiT) take ``--label 3 --label 7`` instead of prompts.
+checkpoint, and writes a grid with ``--num_per_prompt`` samples per prompt (one row each)
+and a ``.txt`` with the caption of every cell, by default to
+``DIR/samples/sampled_step_<step>[_<n>].png`` (never over an earlier grid). Class-
+conditional models (Race-DiT) take ``--label 3 --label 7`` instead of prompts.
 ``--height`` / ``--width`` sample another size or aspect ratio than the training one.
+Also ``python -m jaxdit.sample``. Examples::
+
+  jaxdit sample --workdir workdirs/tiny --prompt "a yellow triangle" --prompt "a red circle"
+  jaxdit sample --workdir workdirs/race --label 3 --label 7 --num_per_prompt 8
 """
 from __future__ import annotations
 
@@ -15,9 +21,9 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxdit.diffusion.samplers import SAMPLERS
-from jaxdit.eval.sampling import make_sample_fn, save_grid, write_captions
-from jaxdit.cli.common import run_or_fail
-from jaxdit.train.checkpoint import CheckpointError
+from jaxdit.eval.sampling import default_grid_path, make_sample_fn, save_grid, write_captions
+from jaxdit.cli.common import reject_stray, run_app, run_or_fail
+from jaxdit.cli.errors import INPUT_ERRORS
 from jaxdit.train.load import load_experiment
 from jaxdit.train.loop import sample_condition, state_variables
 
@@ -25,7 +31,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
 flags.DEFINE_multi_string("prompt", None, "Caption(s) to sample; repeat the flag for more.")
 flags.DEFINE_multi_integer("label", None, "Class label(s) for class-conditional models.")
-flags.DEFINE_string("out", "samples.png", "Output PNG path.")
+flags.DEFINE_string("out", None, "Output PNG path (default: "
+                    "<workdir>/samples/sampled_step_<step>.png).")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_integer("num_per_prompt", 4, "Samples per prompt (one grid row per prompt).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -81,9 +88,9 @@ def check_request(config) -> None:
 
 
 def main(argv):
-    del argv
+    reject_stray(argv, __name__)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
-    exp, state, step = run_or_fail(load_experiment, (CheckpointError,), FLAGS.workdir,
+    exp, state, step = run_or_fail(load_experiment, INPUT_ERRORS, FLAGS.workdir,
                                    FLAGS.step, check_request)
     config = exp.config
     class_cond = config.text.kind == "none"
@@ -93,14 +100,16 @@ def main(argv):
         config.sampler.num_samples = len(repeated)
         captions, cond = (sample_condition(exp, labels=repeated) if class_cond
                           else sample_condition(exp, captions=repeated))
-        sample_fn = sample_fn_for_size(exp, config, FLAGS.height, FLAGS.width)
+        sample_fn = run_or_fail(sample_fn_for_size, (), exp, config, FLAGS.height, FLAGS.width)
         images = sample_fn(state_variables(state, ema=FLAGS.ema),
                            {k: jnp.asarray(v) for k, v in cond.items()},
                            jax.random.PRNGKey(FLAGS.seed))
-    path = save_grid(np.asarray(images), FLAGS.out, cols=FLAGS.num_per_prompt)
+    path = save_grid(np.asarray(images), FLAGS.out or default_grid_path(FLAGS.workdir, step),
+                     cols=FLAGS.num_per_prompt)
     write_captions(captions, os.path.splitext(path)[0] + ".txt", FLAGS.num_per_prompt)
-    print(f"Wrote {len(captions)} samples from checkpoint step {step} to {path}")
+    print(f"Wrote {len(captions)} samples from checkpoint step {step} to {path} (captions: "
+          f"{os.path.splitext(path)[0]}.txt)")
 
 
 def run():
-    app.run(main)
+    run_app(main, __name__, __doc__)

@@ -7,7 +7,7 @@ padded to ``num_patches`` tokens with ``patch_pos`` (row, col) and ``patch_mask`
 mixing e.g. 48x24, 32x32 and 24x48 images has one static shape: one compiled train step
 serves every bucket, and the model masks the padding (:class:`jaxdit.models.lumina.Lumina`).
 In latent space the same packing is applied to each image's latent, encoded at its bucket
-size, by ``tools/cache_features.py``.
+size, by ``jaxdit cache``.
 """
 from __future__ import annotations
 

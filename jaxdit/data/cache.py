@@ -1,5 +1,5 @@
 """Cached training features: latents and text-encoder outputs computed once
-(``tools/cache_features.py``) and read back as a data source (``data.source=cached``).
+(``jaxdit cache``) and read back as a data source (``data.source=cached``).
 
 A cache is a folder of ``.npy`` arrays with one row per example, memory-mapped when read:
 
@@ -96,7 +96,7 @@ def read_meta(cache_dir: str) -> dict:
     path = Path(cache_dir) / "meta.json"
     if not path.is_file():
         raise CacheError(f"{cache_dir} is not a feature cache (no meta.json); write one with "
-                         "tools/cache_features.py.")
+                         "`jaxdit cache`.")
     return json.loads(path.read_text())
 
 

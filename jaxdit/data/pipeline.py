@@ -4,7 +4,7 @@ Batches are dicts of numpy arrays: ``image`` float32 (B, S, S, 3) in [-1, 1], ``
 int32 (B, L), ``text_mask`` bool (B, L), ``label`` int32 (B,). With ``data.aspect_buckets``
 ``image`` is instead packed patches (B, N, p*p*C) with ``patch_pos`` (B, N, 2) and
 ``patch_mask`` (B, N), see :mod:`jaxdit.data.buckets`: pixels packed here, or latents packed
-by ``tools/cache_features.py`` (``data.source='cached'``). The iterator is a Grain
+by ``jaxdit cache`` (``data.source='cached'``). The iterator is a Grain
 ``DatasetIterator`` whose state is saved in every checkpoint, so resuming continues with
 exactly the batch the interrupted run would have seen next.
 """
@@ -16,6 +16,7 @@ import numpy as np
 from jaxdit.data import buckets, cache, prompts, shapes
 from jaxdit.data.sources import ImageFolderSource, TfdsSource
 from jaxdit.data.tokenizer import HFTokenizer, WordTokenizer
+from jaxdit.models.pretrained_text import text_encoder_dir
 
 SOURCES = ("shapes", "folder", "tfds", "cached")
 
@@ -68,7 +69,6 @@ def make_tokenizer(config):
     :class:`WordTokenizer` over the shapes grammar, the configured system prompts and
     ``data.extra_vocab`` (space separated words)."""
     if config.text.kind == "pretrained":
-        from jaxdit.models.text import text_encoder_dir  # pylint: disable=import-outside-toplevel
         return HFTokenizer(str(text_encoder_dir(config.text.path) / "tokenizer.json"))
     data_cfg = config.data
     words = prompts.prompt_words(data_cfg.system_prompt, data_cfg.sample_system_prompt)

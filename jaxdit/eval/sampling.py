@@ -47,6 +47,17 @@ def to_uint8(images) -> np.ndarray:
     return np.asarray(np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255), np.uint8)
 
 
+def default_grid_path(workdir: str, step: int) -> str:
+    """Where ``jaxdit sample`` writes without ``--out``: ``workdir/samples/
+    sampled_step_<step>.png``, or the first ``_<n>`` suffix that names no file yet (a grid
+    drawn earlier is never overwritten)."""
+    stem = os.path.join(workdir, "samples", f"sampled_step_{step:07d}")
+    path, n = stem + ".png", 1
+    while os.path.exists(path):
+        path, n = f"{stem}_{n}.png", n + 1
+    return path
+
+
 def save_grid(images, path: str, cols: int | None = None, pad: int = 2) -> str:
     """Tiles ``images`` (N, H, W, 3) (uint8 or [-1, 1] floats) into one PNG at ``path``."""
     imgs = images if images.dtype == np.uint8 else to_uint8(images)

@@ -8,7 +8,7 @@ Three parts in one model (:class:`D2iT`):
 * ``grain_model``: the **Dynamic Grain Transformer** (:class:`GrainTransformer`);
 * ``denoiser``: the **Dynamic Content Transformer** (:class:`DynamicContentTransformer`).
 
-The paper's code is unreleased; the choices below follow ``arch_lumina_d2it.md`` part 2
+The paper's code is unreleased; the choices below follow ``docs/lumina_d2it_spec.md`` part 2
 and are configurable:
 
 * **Grain transformer**: a small class-conditional DiT on the region grid trained with

@@ -2,7 +2,7 @@
 Coding by region entropy, neighbour copying onto the fine grid, a KL-regularised
 continuous latent and a positional decoder.
 
-D2iT's code is unreleased; these are the choices of ``arch_lumina_d2it.md`` part 2 (from
+D2iT's code is unreleased; these are the choices of ``docs/lumina_d2it_spec.md`` part 2 (from
 the predecessor DQ-VAE of the same group), each configurable (``config.dvae``):
 
 * **Two grains**: fine = downsampling ``2**fine_level`` (8 at 256 px), coarse = twice that

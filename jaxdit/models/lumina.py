@@ -1,6 +1,6 @@
 """Lumina-Image 2.0: Unified Next-DiT (arXiv 2503.21758), following the official code
 (``Alpha-VLLM/Lumina-Image-2.0`` ``models/model.py``; spec in
-``shared/research/arch_lumina_d2it.md`` part 1).
+``docs/lumina_d2it_spec.md`` part 1).
 
 Data flow, for latents ``x`` (B, H, W, C), text features ``text_tokens`` (B, L, Dt) with
 ``text_mask`` (B, L):
@@ -29,7 +29,7 @@ here gives the same outputs on valid tokens.
 Conventions: jaxdit's ``t`` is 0 at data and 1 at noise and the network predicts
 ``x0 - eps`` (:mod:`jaxdit.diffusion.flow`). Lumina's time is ``1 - t`` and its velocity
 ``data - noise`` is the same target, so official/diffusers weights drop in unchanged
-(:mod:`jaxdit.models.convert`).
+(:mod:`jaxdit.convert.lumina`).
 
 Variable resolution: besides ``(B, H, W, C)`` latents, the model accepts *packed* patch
 sequences ``(B, N, p*p*C)`` with ``cond["patch_pos"]`` (B, N, 2) int (row, col) and

@@ -11,7 +11,7 @@ reproduces Table 2 (902M per-layer / 631M shared) within 1%. Set ``pos_embed_max
 to use fixed sin-cos positions instead.
 
 ``layout="original"`` is SD3's MMDiT (diffusers ``SD3Transformer2DModel``, whose weights
-:mod:`jaxdit.models.convert_baselines` loads): in the last block the text stream only
+:mod:`jaxdit.convert.baselines` loads): in the last block the text stream only
 supplies keys and values (``context_pre_only``: its AdaLN gives shift and scale, and it has
 no output projection or MLP). Use it with ``sandwich=False`` and ``text_hidden_ratio=0``
 (one Linear context embedder); SD3 has no QK-norm, SD3.5 has it. ``"dit_air"`` (default)

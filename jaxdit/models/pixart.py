@@ -11,7 +11,7 @@ by all layers plus a per-layer ``(6, d)`` offset table. Positions: fixed 2D sin-
   embedder), a LayerNorm before the cross-attention, the AdaLN final layer; QK-norm and
   sandwich norms as configured.
 * ``"original"``: PixArt-alpha as published (diffusers ``PixArtTransformer2DModel``, whose
-  weights :mod:`jaxdit.models.convert_baselines` loads): ``c`` is the timestep embedding
+  weights :mod:`jaxdit.convert.baselines` loads): ``c`` is the timestep embedding
   alone (plus, with ``size_conditioning``, PixArt-alpha's resolution and aspect-ratio
   micro-conditions), the cross-attention reads the residual stream un-normalised, and the
   final layer modulates with a learned ``(2, d)`` table plus ``c`` (no projection). Use

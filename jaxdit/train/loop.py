@@ -28,7 +28,8 @@ from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
 from jaxdit.models.registry import AUTOENCODER_FAMILIES, build_model, persistent_variables
-from jaxdit.models.text import load_pretrained_text, pretrained_text_width, with_pretrained_text
+from jaxdit.convert.text import load_pretrained_text, with_pretrained_text
+from jaxdit.models.pretrained_text import pretrained_text_width
 from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_sharding, make_mesh
 from jaxdit.train.checkpoint import Checkpointer
@@ -360,6 +361,17 @@ def check_finished_finite(result: dict, skips: SkipMonitor):
         raise TrainingDiverged(f"The run ended with a non-finite {values}; {skips.where()}.")
 
 
+def compile_first_step(step_fn, state, batch, cfg):
+    """The first train step, announced (it compiles: tens of seconds on a CPU) and timed."""
+    print(f"Compiling the {cfg.model.family} train step (global batch "
+          f"{cfg.train.batch_size}) ...", flush=True)
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch)
+    jax.block_until_ready(metrics)
+    print(f"Compiled and ran the first step in {time.perf_counter() - t0:.1f}s", flush=True)
+    return state, metrics
+
+
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
@@ -437,10 +449,11 @@ def _run(exp, workdir: str, preemption: PreemptionGuard, ckpt: Checkpointer,
         norms = ParamNormMonitor(cfg, state.params)
         last = {}
         t_start = time.perf_counter()
+        state, metrics = compile_first_step(step_fn, state, batch, cfg)
         for step in range(start + 1, cfg.train.steps + 1):
             if step > start + 1:
                 batch = exp.to_global(next(train_iter))
-            state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, batch)
             ckpt.check_saves()  # a failed async save stops the run at once
             skips.add(metrics, step)
             saving = step % cfg.train.ckpt_every == 0 or step == cfg.train.steps

@@ -35,6 +35,16 @@ class MetricWriter:
             self.jsonl.close()
 
 
+def format_duration(seconds: float) -> str:
+    """``75.2`` -> ``1m15s``; ``3725`` -> ``1h02m``; ``9`` -> ``9s``."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Progress:
     """One console line per ``every`` steps (``\\r``-updated on a terminal)."""
 
@@ -59,7 +69,8 @@ class Progress:
         parts = [f"[{'#' * filled}{'.' * (bar_len - filled)}] {step:>{width}}/{self.total}",
                  f"loss {float(metrics['loss']):.4f}"]
         if rate:
-            parts += [f"{rate['step_time_ms']:.1f} ms/step", f"{rate['images_per_s']:.1f} img/s"]
+            parts += [f"{rate['step_time_ms']:.1f} ms/step", f"{rate['images_per_s']:.1f} img/s",
+                      f"ETA {format_duration(dt * (self.total - step))}"]
         line = " | ".join(parts)
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
         return rate

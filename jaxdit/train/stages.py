@@ -26,8 +26,8 @@ import numpy as np
 
 from jaxdit.config_lib import ConfigError, autoencoder_sections, base_config
 from jaxdit.data.pipeline import make_dataset, make_source
-from jaxdit.models.convert import (is_diffusers_vae, kl_vae_config_from_diffusers,
-                                   kl_vae_from_diffusers, read_diffusers_dir)
+from jaxdit.convert.common import is_diffusers_vae, read_diffusers_dir
+from jaxdit.convert.vae import kl_vae_config_from_diffusers, kl_vae_from_diffusers
 from jaxdit.models.dvae import fine_downsample
 from jaxdit.models.vae import downsample_factor, widen_latent
 from jaxdit.train.checkpoint import Checkpointer, load_params
@@ -245,7 +245,7 @@ def init_params(state, exp, source: str):
       ``diffusion.shift``, or SFT on other data). The model must be the same (the
       resolution may change: positions are computed, not learned) and so must the
       optimizer's state layout (the checkpoint is restored whole);
-    * a params-only checkpoint ``{"denoiser": ...}`` (``tools/convert_diffusers.py``): the
+    * a params-only checkpoint ``{"denoiser": ...}`` (``jaxdit convert``): the
       denoiser's params; everything else keeps its initialisation.
     """
     if os.path.isdir(os.path.join(source, "checkpoints")):

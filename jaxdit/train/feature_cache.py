@@ -1,31 +1,23 @@
-"""Precompute and cache training features: autoencoder latents and frozen text-encoder
-outputs, so training reads them instead of running the encoders every step (how large
-runs go). Writes the folder format of :mod:`jaxdit.data.cache`.
-
-  python tools/cache_features.py --config experiments/dit_air.py:tiny \\
-      --config.text.kind=pretrained --config.text.path=minilm --config.text.layers="(-2,)" \\
-      --split train --num 20000 --out cache/train
-  python tools/cache_features.py ... --split val --num 512 --out cache/val
-  python -m jaxdit.train --config experiments/dit_air.py:tiny --workdir wd \\
-      --config.data.source=cached --config.data.cache_dir=cache/train \\
-      --config.data.val_cache_dir=cache/val
+"""Precomputes training features: autoencoder latents and frozen text-encoder outputs, so
+training reads them instead of running the encoders every step (how large runs go). Writes
+the folder format of :mod:`jaxdit.data.cache`; the command is ``jaxdit cache``
+(:mod:`jaxdit.cli.cache`).
 
 The text encoder must be frozen (``text.kind=pretrained``); a class-conditional config
-(``text.kind=none``: Race-DiT, ImageNet-style labels) caches latents and labels only. Several ``text.layers`` are
-cached concatenated, without the trained projection (the denoiser's text adapter maps any
-feature width). Captions get ``data.system_prompt`` as in training. Examples are taken in
-source order (the training pipeline shuffles the cache).
+(``text.kind=none``: Race-DiT, ImageNet-style labels) caches latents and labels only.
+Several ``text.layers`` are cached concatenated, without the trained projection (the
+denoiser's text adapter maps any feature width). Captions get ``data.system_prompt`` as in
+training. Examples are taken in source order (the training pipeline shuffles the cache).
 
 Latents: ``latent.kind=identity`` caches pixels; ``latent.kind=kl_vae`` with
-``--config.latent.vae_workdir=<a KL-VAE run>`` caches its scaled posterior means
-(``latent.scale``, or 1 / their std on ``latent.scale_images`` training images), and the
-meta records the run and the scale so training from the cache decodes its samples with the
-same VAE.
+``latent.vae_workdir=<a KL-VAE run>`` caches its scaled posterior means (``latent.scale``,
+or 1 / their std on ``latent.scale_images`` training images), and the meta records the run
+and the scale so training from the cache decodes its samples with the same VAE.
 
-Aspect buckets (``--config.data.aspect_buckets=True``, Lumina's variable resolution): each
-image is resized to its bucket, encoded at that size and its latent stored as packed
-patches of ``model.patch_size``, so training on the cache (which then packs the same
-buckets) runs one compiled step for all of them, in latent space.
+Aspect buckets (``data.aspect_buckets=True``, Lumina's variable resolution): each image is
+resized to its bucket, encoded at that size and its latent stored as packed patches of
+``model.patch_size``, so training on the cache (which then packs the same buckets) runs one
+compiled step for all of them, in latent space.
 """
 from __future__ import annotations
 
@@ -33,24 +25,16 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
 from jaxdit.data.buckets import pack_patches
 from jaxdit.data.cache import CacheWriter
 from jaxdit.data.pipeline import (Preprocess, bucket_sizes, make_source, make_tokenizer,
                                   packed_tokens)
-from jaxdit.models.text import (PretrainedText, load_pretrained_text, masked_mean,
-                                pretrained_text_module)
+from jaxdit.convert.text import load_pretrained_text
+from jaxdit.models.pretrained_text import pretrained_text_module
+from jaxdit.models.text import PretrainedText, masked_mean
 from jaxdit.train.stages import configure_latent_vae, latent_scale, trained_weights
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Experiment config (path.py:arg).")
-flags.DEFINE_string("out", None, "Output cache folder.")
-flags.DEFINE_enum("split", "train", ["train", "val"], "Which split of data.source to cache.")
-flags.DEFINE_integer("num", 0, "Examples to cache (0 = the whole split).")
-flags.DEFINE_integer("batch", 64, "Examples per encoder call.")
-flags.mark_flags_as_required(["config", "out"])
 
 
 def make_encode_fn(cfg):
@@ -111,10 +95,11 @@ def packing(cfg):
                                  "buckets": [list(b) for b in sizes]}
 
 
-def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):
+def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64, log=None):
     """Encodes the first ``num`` examples (0 = all) of ``split`` into the cache ``out``.
     Images are encoded ``batch`` at a time per image size (one size, or one per aspect
-    bucket: a compile each), each written to its own row in source order."""
+    bucket: a compile each), each written to its own row in source order. ``log`` (e.g.
+    ``print``) gets a progress line about every tenth of the examples."""
     encode, width = make_encode_fn(cfg)
     preprocess = Preprocess(make_tokenizer(cfg), cfg.text.max_len, cfg.data.system_prompt)
     src = make_source(cfg.data, split, bucket_sizes(cfg))
@@ -152,8 +137,12 @@ def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):
         writer.put(rows, arrays, [r["caption"] for r in recs])
 
     start = time.time()
+    every = max(num // 10, batch)
     pending: dict[tuple, list] = {}  # image size -> [(row, record)]
     for i in range(num):
+        if log and i and i % every == 0:
+            elapsed = time.time() - start
+            log(f"cached {i}/{num} examples, {elapsed:.0f}s, ETA {elapsed * (num - i) / i:.0f}s")
         rec = src[i]
         group = pending.setdefault(rec["image"].shape, [])
         group.append((i, rec))
@@ -168,11 +157,3 @@ def cache_features(cfg, split: str, out: str, num: int = 0, batch: int = 64):
     return path
 
 
-def main(argv):
-    del argv
-    path = cache_features(FLAGS.config, FLAGS.split, FLAGS.out, FLAGS.num, FLAGS.batch)
-    print(f"cached to {path}")
-
-
-if __name__ == "__main__":
-    app.run(main)

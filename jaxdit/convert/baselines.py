@@ -23,8 +23,8 @@ from typing import Mapping
 
 import numpy as np
 
-from jaxdit.models.convert import (ConversionError, _check_and_unflatten, _linear,
-                                   _output_head, _patch_embed)
+from jaxdit.convert.common import ConversionError, check_and_unflatten, linear
+from jaxdit.convert.dit import output_head, patch_embed
 
 ATTN = {"to_q": "q", "to_k": "k", "to_v": "v"}
 SD3_TEXT_ATTN = {"add_q_proj": "q", "add_k_proj": "k", "add_v_proj": "v"}
@@ -53,7 +53,7 @@ def _take_linear(out: dict, used: set, sd: Mapping, path: str, name: str, swap: 
     weight, bias = sd[f"{name}.weight"], sd[f"{name}.bias"]
     if swap:
         weight, bias = _swap_halves(weight), _swap_halves(bias)
-    _linear(out, path, {f"{name}.weight": weight, f"{name}.bias": bias}, name)
+    linear(out, path, {f"{name}.weight": weight, f"{name}.bias": bias}, name)
     used.update({f"{name}.weight", f"{name}.bias"})
 
 
@@ -104,28 +104,28 @@ def pixart_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, pat
     sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
     out, used = {}, set()
 
-    def linear(path, name):
+    def take(path, name):
         _take_linear(out, used, sd, path, name)
 
-    _patch_embed(out, sd, "pos_embed.proj", patch_size, channels)
+    patch_embed(out, sd, "pos_embed.proj", patch_size, channels)
     used.update({"pos_embed.proj.weight", "pos_embed.proj.bias"})
     for name, path in PIXART_TOP.items():
         if f"{name}.weight" in sd:
-            linear(path, name)
+            take(path, name)
     for i in range(_num_blocks(sd)):
         pre = f"transformer_blocks.{i}"
         out[f"block_{i}/scale_shift_table"] = sd[f"{pre}.scale_shift_table"]
         used.add(f"{pre}.scale_shift_table")
         for hf, ours in {**ATTN, "to_out.0": "out/proj"}.items():
-            linear(f"block_{i}/attn/{'qkv/' if hf in ATTN else ''}{ours}", f"{pre}.attn1.{hf}")
-            linear(f"block_{i}/cross_attn/{ours}", f"{pre}.attn2.{hf}")
+            take(f"block_{i}/attn/{'qkv/' if hf in ATTN else ''}{ours}", f"{pre}.attn1.{hf}")
+            take(f"block_{i}/cross_attn/{ours}", f"{pre}.attn2.{hf}")
         for hf, ours in FF.items():
-            linear(f"block_{i}/mlp/{ours}", f"{pre}.{hf}")
+            take(f"block_{i}/mlp/{ours}", f"{pre}.{hf}")
     out["final/scale_shift_table"] = sd["scale_shift_table"]
-    _output_head(out, "final/proj", sd, "proj_out", patch_size, channels)
+    output_head(out, "final/proj", sd, "proj_out", patch_size, channels)
     used.update({"scale_shift_table", "proj_out.weight", "proj_out.bias"})
     _check_all_used(sd, used)
-    return _check_and_unflatten(out, expected)
+    return check_and_unflatten(out, expected)
 
 
 # ------------------------------------------------------------------------------------------
@@ -172,39 +172,39 @@ def sd3_from_diffusers(state_dict: Mapping[str, np.ndarray], expected, *, patch_
         raise ConversionError("SD3.5's dual-attention layers (attn2) are not supported.")
     out, used = {}, set()
 
-    def linear(path, name, swap=False):
+    def take(path, name, swap=False):
         _take_linear(out, used, sd, path, name, swap)
 
-    _patch_embed(out, sd, "pos_embed.proj", patch_size, channels)
+    patch_embed(out, sd, "pos_embed.proj", patch_size, channels)
     table = sd["pos_embed.pos_embed"][0]
     m = int(round(table.shape[0] ** 0.5))
     out["pos_embed"] = table.reshape(m, m, -1)
     used.update({"pos_embed.proj.weight", "pos_embed.proj.bias", "pos_embed.pos_embed"})
     for name, path in SD3_TOP.items():
-        linear(path, name)
+        take(path, name)
     for i in range(_num_blocks(sd)):
         pre = f"transformer_blocks.{i}"
-        linear(f"block_{i}/adaln_image/proj", f"{pre}.norm1.linear")
+        take(f"block_{i}/adaln_image/proj", f"{pre}.norm1.linear")
         pre_only = f"{pre}.attn.to_add_out.weight" not in sd  # SD3's last block
-        linear(f"block_{i}/adaln_text/proj", f"{pre}.norm1_context.linear", swap=pre_only)
+        take(f"block_{i}/adaln_text/proj", f"{pre}.norm1_context.linear", swap=pre_only)
         for stream, names in (("image", ATTN), ("text", SD3_TEXT_ATTN)):
             for hf, ours in names.items():
-                linear(f"block_{i}/{stream}/qkv/{ours}", f"{pre}.attn.{hf}")
+                take(f"block_{i}/{stream}/qkv/{ours}", f"{pre}.attn.{hf}")
         for hf, ours in (("norm_q", "image/qkv/q_norm"), ("norm_k", "image/qkv/k_norm"),
                          ("norm_added_q", "text/qkv/q_norm"),
                          ("norm_added_k", "text/qkv/k_norm")):
             if f"{pre}.attn.{hf}.weight" in sd:
                 out[f"block_{i}/{ours}/scale"] = sd[f"{pre}.attn.{hf}.weight"]
                 used.add(f"{pre}.attn.{hf}.weight")
-        linear(f"block_{i}/image/out/proj", f"{pre}.attn.to_out.0")
+        take(f"block_{i}/image/out/proj", f"{pre}.attn.to_out.0")
         for hf, ours in FF.items():
-            linear(f"block_{i}/image/mlp/{ours}", f"{pre}.{hf}")
+            take(f"block_{i}/image/mlp/{ours}", f"{pre}.{hf}")
         if not pre_only:
-            linear(f"block_{i}/text/out/proj", f"{pre}.attn.to_add_out")
+            take(f"block_{i}/text/out/proj", f"{pre}.attn.to_add_out")
             for hf, ours in FF.items():
-                linear(f"block_{i}/text/mlp/{ours}", f"{pre}.{hf.replace('ff.', 'ff_context.')}")
-    linear("final/adaln/proj", "norm_out.linear", swap=True)
-    _output_head(out, "final/proj", sd, "proj_out", patch_size, channels, sign=-1.0)
+                take(f"block_{i}/text/mlp/{ours}", f"{pre}.{hf.replace('ff.', 'ff_context.')}")
+    take("final/adaln/proj", "norm_out.linear", swap=True)
+    output_head(out, "final/proj", sd, "proj_out", patch_size, channels, sign=-1.0)
     used.update({"proj_out.weight", "proj_out.bias"})
     _check_all_used(sd, used)
-    return _check_and_unflatten(out, expected)
+    return check_and_unflatten(out, expected)

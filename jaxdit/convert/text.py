@@ -1,30 +1,25 @@
-"""Pretrained text encoders from Hugging Face ``transformers`` folders (``config.json`` +
-``*.safetensors``) to jaxdit modules and params, read with numpy only (no torch).
-
-``model_type`` picks the architecture (:func:`encoder_from_hf_config`):
-
-* ``bert`` -> :class:`jaxdit.models.text.BertEncoder` (MiniLM, BERT, ...);
-* ``clip_text_model`` (a ``CLIPTextModel`` / ``CLIPTextModelWithProjection``) or ``clip``
-  (a whole ``CLIPModel``: its ``text_config``) -> :class:`~jaxdit.models.text.ClipTextEncoder`;
-* ``t5`` (``T5EncoderModel`` or a whole ``T5ForConditionalGeneration``: the decoder is
-  ignored) -> :class:`~jaxdit.models.text.T5Encoder`;
-* ``gemma`` / ``gemma2`` (``GemmaModel`` / ``Gemma2Model`` or their ``*ForCausalLM``: the
-  LM head is ignored) -> :class:`~jaxdit.models.text.GemmaEncoder`.
+"""Pretrained text encoder weights from Hugging Face ``transformers`` folders
+(``config.json`` + ``*.safetensors``, read with numpy only: no torch) to the params of the
+modules :mod:`jaxdit.models.pretrained_text` builds.
 
 Weights (:func:`params_from_hf`; each converter takes the state dict and the module it
 is for): torch ``Linear`` ``(out, in)`` become kernels ``(in, out)``; heads stay in the
 projections' ``(in, heads * head_dim)`` layout; parts a text tower does not use (CLIP's
 vision tower and projections, BERT's pooler, T5's decoder, Gemma's LM head) are dropped;
 every name and shape is checked against the module's and all mismatches are reported at
-once.
+once. :func:`load_pretrained_text` does all of it for a ``config.text``.
 """
 from __future__ import annotations
 
 from typing import Mapping
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxdit.models.convert import ConversionError, _check_and_unflatten
+from jaxdit.convert.common import ConversionError, check_and_unflatten, read_diffusers_dir
+from jaxdit.models.pretrained_text import pretrained_text_module, text_encoder_dir
 
 BERT_LAYER_NAMES = {  # HF name inside encoder.layer.{i} -> jaxdit path, with {i}
     "attention.self.query": "layer_{i}/attn/qkv/q", "attention.self.key": "layer_{i}/attn/qkv/k",
@@ -75,79 +70,6 @@ GEMMA2_NORMS = {
     "post_attention_layernorm": "layer_{i}/ln_attn_out",
                 "pre_feedforward_layernorm": "layer_{i}/ln_mlp",
                 "post_feedforward_layernorm": "layer_{i}/ln_mlp_out"}
-
-HF_ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_new": "gelu_tanh",
-                  "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-
-
-def _activation(name: str) -> str:
-    if name not in HF_ACTIVATIONS:
-        raise ConversionError(f"Activation {name!r} is not supported; supported: "
-                              f"{sorted(HF_ACTIVATIONS)}.")
-    return HF_ACTIVATIONS[name]
-
-
-def encoder_from_hf_config(cfg: Mapping):
-    """``(module class, its fields)`` of the text encoder a Hugging Face ``config.json``
-    describes (see the module docstring)."""
-    from jaxdit.models import text  # pylint: disable=import-outside-toplevel
-    kind = cfg.get("model_type", "bert")
-    if kind == "clip":
-        cfg, kind = cfg["text_config"], "clip_text_model"
-    if kind == "bert":
-        if cfg.get("hidden_act", "gelu") != "gelu":
-            raise ConversionError(f"hidden_act {cfg['hidden_act']!r} is not supported (gelu).")
-        if cfg.get("position_embedding_type", "absolute") != "absolute":
-            raise ConversionError("Only absolute position embeddings are supported.")
-        return text.BertEncoder, dict(
-            vocab_size=cfg["vocab_size"], width=cfg["hidden_size"],
-            depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-            mlp_dim=cfg["intermediate_size"], max_positions=cfg["max_position_embeddings"],
-            type_vocab_size=cfg.get("type_vocab_size", 2), eps=cfg.get("layer_norm_eps", 1e-12))
-    if kind == "clip_text_model":
-        return text.ClipTextEncoder, dict(
-            vocab_size=cfg["vocab_size"], width=cfg["hidden_size"],
-            depth=cfg["num_hidden_layers"], num_heads=cfg["num_attention_heads"],
-            mlp_dim=cfg["intermediate_size"], max_positions=cfg["max_position_embeddings"],
-            activation=_activation(cfg.get("hidden_act", "quick_gelu")),
-            eps=cfg.get("layer_norm_eps", 1e-5))
-    if kind == "t5":
-        proj = cfg.get("feed_forward_proj", "relu")
-        gated = proj.startswith("gated-")
-        act = proj.split("-")[-1]
-        return text.T5Encoder, dict(
-            vocab_size=cfg["vocab_size"], width=cfg["d_model"], depth=cfg["num_layers"],
-            num_heads=cfg["num_heads"], head_dim=cfg["d_kv"], mlp_dim=cfg["d_ff"], gated=gated,
-            activation=_activation("gelu_new" if act == "gelu" else act),
-            num_buckets=cfg.get("relative_attention_num_buckets", 32),
-            max_distance=cfg.get("relative_attention_max_distance", 128),
-            eps=cfg.get("layer_norm_epsilon", 1e-6))
-    if kind in ("gemma", "gemma2"):
-        return text.GemmaEncoder, _gemma_fields(cfg, kind == "gemma2")
-    raise ConversionError(f"model_type {kind!r} is not a supported text encoder (bert, clip, "
-                          "clip_text_model, t5, gemma, gemma2).")
-
-
-def _gemma_fields(cfg: Mapping, gemma2: bool) -> dict:
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ConversionError(f"Gemma RoPE scaling {rope} is not supported (default only).")
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
-    return dict(
-        vocab_size=cfg["vocab_size"], width=cfg["hidden_size"], depth=cfg["num_hidden_layers"],
-        num_heads=cfg["num_attention_heads"],
-        num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-        head_dim=head_dim, mlp_dim=cfg["intermediate_size"],
-        max_positions=cfg.get("max_position_embeddings", 8192),
-        rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta", 10000.0)),
-        query_scale=float(cfg.get("query_pre_attn_scalar", head_dim) if gemma2
-                          else head_dim) ** -0.5,
-        softcap=float(cfg.get("attn_logit_softcapping") or 0.0) if gemma2 else 0.0,
-        sandwich=gemma2,
-        sliding_window=int(cfg.get("sliding_window") or 0) if gemma2 else 0,
-        activation=_activation(act), eps=cfg.get("rms_norm_eps", 1e-6))
-
 
 def _layers(sd: Mapping, prefix: str) -> list[int]:
     n = prefix.count(".")
@@ -246,10 +168,36 @@ CONVERTERS = {"BertEncoder": bert_from_hf, "ClipTextEncoder": clip_from_hf,
 
 def params_from_hf(module, state_dict: Mapping[str, np.ndarray], expected):
     """A Hugging Face state dict to the params of ``module`` (an encoder built from
-    :func:`encoder_from_hf_config`), checked against ``expected``."""
+    :func:`jaxdit.models.pretrained_text.encoder_from_hf_config`), checked against ``expected``."""
     sd = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
     name = type(module).__name__
     out, left = CONVERTERS[name](sd, module)
     if left:
         raise ConversionError(f"Unexpected {name} parameters: {sorted(left)[:8]}")
-    return _check_and_unflatten(out, expected)
+    return check_and_unflatten(out, expected)
+
+
+def load_pretrained_text(text_cfg, expected=None, scan_layers: bool = False):
+    """The frozen encoder's params for ``text_cfg``, converted from the folder's weights
+    and checked against ``expected`` (a tree of arrays or shapes; default: the module's,
+    its layers stacked for a scan when ``scan_layers``)."""
+    module = pretrained_text_module(text_cfg, scan_layers=scan_layers).frozen_encoder
+    if expected is None:
+        ids = jnp.zeros((1, 2), jnp.int32)
+        expected = nn.unbox(jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                                           ids, jnp.ones((1, 2), bool))["params"])
+    _, state = read_diffusers_dir(str(text_encoder_dir(text_cfg.path)))
+    return params_from_hf(module, state, expected)
+
+
+def with_pretrained_text(params, encoder_params):
+    """``params`` (an unboxed model param tree, possibly sharded) with the text encoder's
+    ``frozen_encoder`` replaced by ``encoder_params``, each leaf placed like the leaf it
+    replaces."""
+    params = dict(params)
+    text = dict(params["text_encoder"])
+    text["frozen_encoder"] = jax.tree.map(
+        lambda old, new: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+        text["frozen_encoder"], encoder_params)
+    params["text_encoder"] = text
+    return params

@@ -11,9 +11,10 @@ import ast
 
 import ml_collections
 
+from jaxdit.data.shapes import NUM_CLASSES
+from jaxdit.models.registry import check_set_fields
 
-class ConfigError(ValueError):
-    """A config that cannot work (raised before anything expensive happens)."""
+
 
 # Paper setup used for parameter counts: CLIP/H text features (width 1024), an 8-channel
 # f8 latent of 256x256 images (32x32x8), patch 2.
@@ -140,8 +141,8 @@ EARLIER_BEHAVIOUR = {"model": {"scan_layers": False}}  # unrolled blocks before 
 
 
 def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` plus every field of :func:`base_config` it lacks (recursively; present
-    fields are kept): a config saved by an older jaxdit gains the fields added since, with
+    """``config`` plus every field of :func:`base_config` (and of the autoencoder sections
+    it has) it lacks (recursively; present fields are kept): a config saved by an older jaxdit gains the fields added since, with
     the value of :data:`EARLIER_BEHAVIOUR` where it has one, else their defaults."""
     for section, fields in EARLIER_BEHAVIOUR.items():
         if section in config:
@@ -157,15 +158,21 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
                     cfg[key], ml_collections.ConfigDict):
                 fill(cfg[key], value)
     fill(config, base_config())
+    sections = autoencoder_sections(ml_collections.ConfigDict())
+    for name in [s for s in sections if s in config]:  # only where the run has them
+        fill(config[name], sections[name])
     return config
 
 
 def apply_model_overrides(config, overrides: dict):
+    """``config`` with the config argument's ``key=value`` pairs set in ``config.model``;
+    unknown fields and fields the family does not read are refused."""
     for k, v in overrides.items():
         if k not in config.model:
             raise ValueError(f"Unknown model field {k!r} in config argument; "
                              f"valid: {sorted(config.model.keys())}.")
         config.model[k] = v
+    check_set_fields(config.model.family, [f"model.{k}" for k in overrides])
     return config
 
 
@@ -260,7 +267,6 @@ def race_config(arg: str | None):
         config.optim.update(name="adamw", lr=1e-4, ema_decay=0.9999)
         config.train.batch_size = 256
     elif size == "tiny":
-        from jaxdit.data.shapes import NUM_CLASSES
         tiny_setup(config)
         config.model.update(num_classes=NUM_CLASSES)
         config.data.max_objects = 1  # one object per image: its class is the whole content
@@ -275,6 +281,8 @@ def race_config(arg: str | None):
                              f"{sorted(config.model.keys())} or moe fields "
                              f"{sorted(config.moe.keys())}.")
         config[section][k] = v
+    check_set_fields(config.model.family, [f"model.{k}" for k in overrides
+                                           if k not in config.moe or k in config.model])
     return config
 
 
@@ -390,7 +398,6 @@ def d2it_config(arg: str | None):
         config.optim.update(name="adamw", lr=1e-4, ema_decay=0.9999)
         config.train.batch_size = 256
     elif size == "tiny":
-        from jaxdit.data.shapes import NUM_CLASSES
         tiny_setup(config)
         # 32-px shapes: f2 fine / f4 coarse -> 16x16x4 latent, 8x8 grain map (64 tokens).
         config.vae.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, kl_weight=1e-4)
@@ -413,6 +420,8 @@ def d2it_config(arg: str | None):
             raise ValueError(f"Unknown field {k!r} in config argument; valid: "
                              f"{sorted(section.keys())}.")
         section[k] = v
+    if not stage1:
+        check_set_fields(config.model.family, [f"model.{k}" for k in overrides])
     return config
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from jaxdit.data import buckets
 from jaxdit.data.pipeline import bucket_sizes, make_dataset
 from jaxdit.data.sources import ImageFolderSource
-from jaxdit.config_lib import ConfigError
+from jaxdit.errors import ConfigError
 from jaxdit.train.loop import Experiment, evaluate, sample_condition
 from jaxdit.train.metrics import MetricWriter
 from tests.helpers import tiny_config

@@ -8,8 +8,10 @@ import sys
 
 import pytest
 
-from jaxdit import config_doc
+from jaxdit import config_doc, config_lib
+from jaxdit.errors import ConfigError
 from jaxdit.eval.sampling import default_grid_path
+from jaxdit.models.registry import FAMILY_FIELDS
 from jaxdit.train.metrics import format_duration
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +53,10 @@ TINY = ["--config", "experiments/dit_air.py:tiny"]
     (["train", "--config", "experiments/dit_air.py:huge", "--workdir", "{wd}"], "huge"),
     (["train", *TINY], "--workdir is required; `jaxdit train --help` lists the flags."),
     (["train", *TINY, "--workdir", "{wd}", "--config.train.steps=many"], "many"),
-], ids=["stray-argument", "config-typo", "unknown-size", "missing-flag", "wrong-type"])
+    (["train", "--config", "experiments/lumina.py:tiny", "--workdir", "{wd}",
+      "--config.model.share=full"], "--config.model.share: model.family='lumina' does not use"),
+], ids=["stray-argument", "config-typo", "unknown-size", "missing-flag", "wrong-type",
+        "another-family's-field"])
 def test_user_errors_are_one_line(tmp_path, args, message):
     wd = str(tmp_path / "wd")
     proc = _jaxdit(*(a.format(wd=wd) for a in args))
@@ -78,3 +83,22 @@ def test_config_reference_is_current():
     """docs/config.md's field reference is what ``python -m jaxdit.config_doc`` writes."""
     page = config_doc.PAGE.read_text(encoding="utf-8")
     assert config_doc.render(page) == page, "run: python -m jaxdit.config_doc"
+
+
+def test_fields_of_another_family_are_refused():
+    """A model field the family does not read (e.g. DiT-Air's ``share`` on Lumina) would do
+    nothing: refused in the config argument, naming the family that has it."""
+    with pytest.raises(ConfigError, match=r"model.share: model.family='lumina' does not use "
+                                          r"it \(used by dit_air\)"):
+        config_lib.lumina_config("tiny,share=full")
+    with pytest.raises(ConfigError, match="model.num_kv_heads.*used by lumina"):
+        config_lib.air_family_config("mmdit", "tiny,num_kv_heads=2")
+    assert config_lib.air_family_config("dit_air", "tiny,share=full").model.share == "full"
+
+
+def test_every_model_field_belongs_to_a_family():
+    """The families' field lists name real fields, and no field is read by no family."""
+    fields = set(config_lib.d2it_config("tiny").model.keys())
+    listed = set().union(*FAMILY_FIELDS.values())
+    assert listed <= fields, listed - fields
+    assert fields <= listed, fields - listed

@@ -5,7 +5,7 @@ from PIL import Image
 
 from jaxdit.data import shapes
 from jaxdit.data.pipeline import make_dataset, make_tokenizer
-from jaxdit.config_lib import ConfigError
+from jaxdit.errors import ConfigError
 from jaxdit.data.sources import ImageFolderSource, TfdsSource
 from jaxdit.data.tokenizer import BOS, UNK
 from tests.helpers import tiny_config

@@ -68,7 +68,7 @@ def test_a_draft_step_raises_the_reward_of_its_samples():
 
 
 def test_bad_draft_configs():
-    from jaxdit.config_lib import ConfigError  # pylint: disable=import-outside-toplevel
+    from jaxdit.errors import ConfigError  # pylint: disable=import-outside-toplevel
     from jaxdit.train.loop import Experiment  # pylint: disable=import-outside-toplevel
     cfg = tiny_config()
     cfg.train.objective = "dpo"

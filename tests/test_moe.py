@@ -12,7 +12,7 @@ from jaxdit import config_lib
 from jaxdit.models.race_dit import param_counts
 from jaxdit.models.registry import build_model, moe_spec
 from jaxdit.moe import experts, losses, routing, topk
-from jaxdit.moe.layer import MoEMlp
+from jaxdit.models.moe_mlp import MoEMlp, MoESpec
 from jaxdit.parallel.mesh import LOGICAL_RULES, make_mesh
 from jaxdit.train.loop import example_inputs
 from jaxdit.train.state import strip_boxes
@@ -251,8 +251,9 @@ def test_router_similarity_penalises_collapsed_pairs():
 
 
 def _layer(routing_name="expert_race"):
-    return MoEMlp(num_experts=8, k=2, hidden=16, routing=routing_name, target_dim=4,
-                  similarity_weight=0.1, balance_weight=0.1, capacity_factor=0.0)
+    spec = MoESpec(num_experts=8, k=2, routing=routing_name, similarity_weight=0.1,
+                   balance_weight=0.1, capacity_factor=0.0)
+    return MoEMlp(spec, hidden=16, target_dim=4)
 
 
 def test_moe_layer_tracks_threshold_in_training_and_uses_it_at_inference():
@@ -269,7 +270,7 @@ def test_moe_layer_tracks_threshold_in_training_and_uses_it_at_inference():
     assert int(state["moe_state"]["updates"]) == 3
     kth = out["moe_metrics"]["batch_threshold"][0]
     # Same batch every time: bias-corrected EMA equals the batch threshold.
-    d = layer.threshold_decay
+    d = layer.spec.threshold_decay
     tau = state["moe_state"]["threshold_ema"] / (1 - d ** 3)
     np.testing.assert_allclose(tau, kth, rtol=1e-5)
     assert set(out["aux_loss"]) == {"router_similarity", "balance"}

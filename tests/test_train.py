@@ -11,7 +11,7 @@ import pytest
 from jaxdit import config_lib
 from jaxdit.parallel.mesh import MeshConfigError, make_mesh, mesh_axes, resolve_mesh_shape
 from jaxdit.train.checkpoint import CheckpointError, Checkpointer
-from jaxdit.config_lib import ConfigError
+from jaxdit.errors import ConfigError
 from jaxdit.train.loop import Experiment, init_params, train_and_evaluate
 from jaxdit.train.optimizers import make_optimizer, scale_by_factored_rms
 from tests.helpers import fixed_batch, tiny_config

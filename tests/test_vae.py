@@ -9,14 +9,15 @@ import pytest
 
 from helpers import tiny_config
 from jaxdit import config_lib
-from jaxdit.config_lib import ConfigError
+from jaxdit.errors import ConfigError
 from jaxdit.data.cache import CacheError, CachedSource
 from jaxdit.data.pipeline import make_source
 from jaxdit.models.vae import KLAutoencoder, widen_latent
 from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.feature_cache import cache_features
 from jaxdit.train.loop import Experiment, train_and_evaluate, validation_images, write_samples
-from jaxdit.train.stages import latent_scale, restore_workdir, trained_weights
+from jaxdit.train.load import trained_weights
+from jaxdit.train.stages import latent_scale, restore_workdir
 
 # Its module-scoped fixtures train/encode once: keep the module on one xdist worker.
 pytestmark = pytest.mark.xdist_group("vae")

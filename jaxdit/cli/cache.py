@@ -19,7 +19,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxdit.cli.common import load_config, reject_stray, run_app, run_or_fail
-from jaxdit.config_lib import ConfigError
+from jaxdit.errors import ConfigError
 from jaxdit.data.cache import CacheError
 from jaxdit.train.checkpoint import CheckpointError
 from jaxdit.train.feature_cache import cache_features

@@ -9,20 +9,11 @@ import re
 import sys
 
 from absl import app, flags
+from ml_collections import config_flags
 
-HELP_ARGS = ("-h", "--help", "-help", "--h", "-?")
-
-
-def fail(message: str) -> None:
-    """Prints ``Error: message`` on stderr and exits 1."""
-    print(f"Error: {message}", file=sys.stderr, flush=True)
-    sys.exit(1)
-
-
-def debug_requested() -> bool:
-    """Whether tracebacks were asked for (``--debug`` or ``JAXDIT_DEBUG=1``)."""
-    return bool(os.environ.get("JAXDIT_DEBUG"))
-
+from jaxdit.cli.console import HELP_ARGS, debug_requested, fail
+from jaxdit.errors import ConfigError
+from jaxdit.models.registry import check_set_fields
 
 def command_name(module: str) -> str:
     """``jaxdit.cli.train`` -> ``jaxdit train``."""
@@ -114,7 +105,8 @@ def run_app(main, module: str, usage: str) -> None:
 
 def load_config(flag_values, name: str = "config"):
     """The config of a ``config_flags`` flag, or a one-line exit when its file is missing or
-    does not import (ml_collections defers that failure to the first attribute access)."""
+    does not import (ml_collections defers that failure to the first attribute access) or
+    when a ``--config.<field>`` override sets a field the model family does not read."""
     try:
         config = getattr(flag_values, name)
         config.model  # pylint: disable=pointless-statement
@@ -123,6 +115,11 @@ def load_config(flag_values, name: str = "config"):
         fail(f"cannot load the config file {spec.split(':')[0]!r} (from --{name} {spec}): "
              "no such file, or it does not import; use path.py:<arg>, e.g. "
              "experiments/dit_air.py:tiny.")
+    overridden = config_flags.get_override_values(flag_values[name])
+    try:  # a --config.<field> the model family does not read would silently do nothing
+        check_set_fields(config.model.family, [k for k in overridden if "." in k])
+    except ConfigError as e:
+        fail(f"--config.{e}")
     return config
 
 

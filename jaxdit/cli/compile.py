@@ -24,7 +24,7 @@ from absl import flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from jaxdit.cli.common import fail, load_config, reject_stray, run_app, run_or_fail  # noqa: E402
-from jaxdit.config_lib import ConfigError  # noqa: E402
+from jaxdit.errors import ConfigError  # noqa: E402
 from jaxdit.models.base import REMAT_POLICIES  # noqa: E402
 from jaxdit.parallel.mesh import MeshConfigError, batch_divisor, make_mesh  # noqa: E402
 from jaxdit.train import aot  # noqa: E402

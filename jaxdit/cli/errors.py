@@ -3,7 +3,7 @@ cache folder): the commands print their message in one line and exit 1 instead o
 traceback (``--debug`` shows it)."""
 from __future__ import annotations
 
-from jaxdit.config_lib import ConfigError
+from jaxdit.errors import ConfigError
 from jaxdit.convert.common import ConversionError
 from jaxdit.data.cache import CacheError
 from jaxdit.models.pretrained_text import UnsupportedEncoder

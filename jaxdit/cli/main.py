@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from jaxdit.cli.common import HELP_ARGS, fail
+from jaxdit.cli.console import HELP_ARGS, fail
 
 COMMANDS = {
     "train": ("jaxdit.cli.train", "train a model from a config (resumes its workdir)"),

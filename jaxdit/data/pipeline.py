@@ -72,7 +72,7 @@ def make_tokenizer(config):
         return HFTokenizer(str(text_encoder_dir(config.text.path) / "tokenizer.json"))
     data_cfg = config.data
     words = prompts.prompt_words(data_cfg.system_prompt, data_cfg.sample_system_prompt)
-    return WordTokenizer(list(shapes.VOCAB) + words + data_cfg.get("extra_vocab", "").split())
+    return WordTokenizer(list(shapes.VOCAB) + words + data_cfg.extra_vocab.split())
 
 
 class Preprocess(grain.transforms.Map):

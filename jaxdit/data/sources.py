@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jaxdit.config_lib import ConfigError
+from jaxdit.errors import ConfigError
 from jaxdit.data.buckets import nearest_bucket, resize_to_bucket
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

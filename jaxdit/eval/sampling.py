@@ -34,7 +34,7 @@ def make_sample_fn(model, autoencoder, config, image_shape):
 
         null = null_condition(cond, model.null_token_id)
         fn = cfg_model(apply, cond, null, float(s.cfg_scale),
-                       renorm=float(s.get("cfg_renorm", 0.0)), trunc=float(s.get("cfg_trunc", 1.0)))
+                       renorm=float(s.cfg_renorm), trunc=float(s.cfg_trunc))
         noise = jax.random.normal(k_noise, (b,) + tuple(latent_shape), jnp.float32)
         x = sample(fn, noise, k_sde, method=s.method, sde=bool(s.sde), num_steps=int(s.num_steps),
                    shift=float(s.shift), sde_strength=float(s.sde_strength))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdit.diffusion import flow
-from jaxdit.train.step import condition_from_batch
+from jaxdit.models.registry import condition_from_batch
 
 
 def make_val_loss_fn(model, autoencoder, t_grid):

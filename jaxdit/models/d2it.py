@@ -54,6 +54,8 @@ from jaxdit.models.vae import latent_scale_param
 
 Dtype = Any
 MASK_TOKEN = 2  # grain-map tokens: 0 coarse, 1 fine, 2 masked
+# config.model fields this family reads beyond registry.COMMON_FIELDS.
+CONFIG_FIELDS = ("num_classes", "refine_depth")
 
 
 def _position_table(n: int, width: int, name: str, module: nn.Module):

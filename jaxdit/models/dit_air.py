@@ -34,6 +34,8 @@ from jaxdit.models.stack import apply_stack
 
 Dtype = Any
 SHARE_MODES = ("none", "full", "attention")
+# config.model fields this family reads beyond registry.COMMON_FIELDS.
+CONFIG_FIELDS = ("share", "adaln_layer_offset", "text_hidden_ratio")
 
 
 def joint_rope(num_text: int, grid_h: int, grid_w: int, head_dim: int, theta: float = 10000.0):

@@ -50,6 +50,10 @@ from jaxdit.models.layers import (AdaLNModulation, FinalLayer, RMSNorm, SwiGLU,
                                   rope_tables, unpatchify)
 from jaxdit.models.stack import apply_stack
 
+# config.model fields this family reads beyond registry.COMMON_FIELDS.
+CONFIG_FIELDS = ("num_kv_heads", "axes_dims", "num_refiner_layers", "ffn_multiple_of",
+                 "text_hidden_ratio")
+
 
 def mrope_positions(text_mask, image_pos, image_mask=None):
     """3-axis position ids of the text and image tokens.

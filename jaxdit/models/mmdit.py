@@ -28,6 +28,8 @@ from jaxdit.models.layers import AdaLNModulation, LayerNorm, Mlp, RMSNorm, modul
 from jaxdit.models.stack import apply_stack
 
 ADALN_MODES = ("per_layer", "shared")
+# config.model fields this family reads beyond registry.COMMON_FIELDS.
+CONFIG_FIELDS = ("adaln", "pos_embed_max_size", "layout", "text_hidden_ratio")
 
 
 class StreamModules(Block):

@@ -30,6 +30,10 @@ from jaxdit.models.stack import apply_stack
 from jaxdit.models.layers import (AdaLNModulation, LayerNorm, Mlp, TimestepEmbedder, dense,
                                   modulate, sincos_2d, zeros)
 
+# config.model fields this family reads beyond registry.COMMON_FIELDS.
+CONFIG_FIELDS = ("layout", "pos_base_size", "pos_interpolation", "size_conditioning",
+                 "text_hidden_ratio")
+
 class PixArtBlock(Block):
     """Self-attn (modulated) -> cross-attn to ``ctx`` -> MLP (modulated); ``cross_norm``:
     LayerNorm before the cross-attention (the DiT-Air variant; PixArt-alpha has none).

@@ -5,13 +5,12 @@ The backbone is DiT (Peebles & Xie): patch embedding + fixed 2D sin-cos position
 blocks ``x += g1 * Attn(modulate(LN(x)))``, ``x += g2 * FFN(modulate(LN(x)))`` with the six
 AdaLN vectors from a zero-initialised ``Linear(d -> 6d)`` per block, and the zero-init final
 layer. With ``moe=None`` the FFN is the dense MLP (the paper's "Dense" baselines); otherwise
-it is :class:`jaxdit.moe.layer.MoEMlp` in every block (Race-DiT, its Fig. 2).
+it is :class:`jaxdit.models.moe_mlp.MoEMlp` in every block (Race-DiT, its Fig. 2).
 
 Condition: ``cond["label"]`` int (B,); label ``-1`` is the null class.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -23,27 +22,7 @@ from jaxdit.models.base import Block, Denoiser
 from jaxdit.models.layers import (AdaLNModulation, ConditionEmbedder, LayerNorm, Mlp, modulate,
                                   sincos_2d)
 from jaxdit.models.stack import apply_stack
-from jaxdit.moe.layer import MoEMlp
-
-
-@dataclasses.dataclass(frozen=True)
-class MoESpec:
-    """MoE settings of every block (see :class:`MoEMlp`); ``hidden_split`` s gives experts of
-    hidden ``mlp_ratio * d / s``; "x-in-y" is ``k=x`` of ``num_experts=y``."""
-    num_experts: int
-    k: int
-    hidden_split: int = 1
-    routing: str = "expert_race"
-    gating: str = "identity"
-    capacity_factor: float = 2.0
-    eval_capacity_factor: float = 0.0
-    threshold_decay: float = 0.95
-    plr: bool = True
-    similarity_weight: float = 0.0
-    balance_weight: float = 0.0
-    topk_bits: int = 4
-    topk_method: str = "radix"
-    expert_impl: str = "auto"
+from jaxdit.models.moe_mlp import MoEMlp, MoESpec
 
 
 class DiTBlock(Block):
@@ -59,14 +38,8 @@ class DiTBlock(Block):
         if hidden % m.hidden_split:
             raise ValueError(f"MLP hidden {hidden} is not divisible by moe.hidden_split="
                              f"{m.hidden_split}.")
-        return MoEMlp(m.num_experts, m.k, hidden // m.hidden_split, routing=m.routing,
-                      gating=m.gating, capacity_factor=m.capacity_factor,
-                      eval_capacity_factor=m.eval_capacity_factor,
-                      threshold_decay=m.threshold_decay,
-                      target_dim=self.target_dim if m.plr else 0,
-                      similarity_weight=m.similarity_weight, balance_weight=m.balance_weight,
-                      topk_bits=m.topk_bits, topk_method=m.topk_method,
-                      expert_impl=m.expert_impl, name="moe", **self.kw)
+        return MoEMlp(m, hidden // m.hidden_split, target_dim=self.target_dim if m.plr else 0,
+                      name="moe", **self.kw)
 
     @nn.compact
     def __call__(self, x, c):
@@ -104,6 +77,8 @@ class RaceDiT(Denoiser):
 
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
+# config.model fields this family reads beyond registry.COMMON_FIELDS (and all of config.moe).
+CONFIG_FIELDS = ("num_classes",)
 
 
 def param_counts(params, moe: MoESpec | None) -> dict[str, int]:

@@ -11,13 +11,16 @@ import jax.numpy as jnp
 
 from jaxdit.kernels.dispatch import check_backend
 from jaxdit.models.base import remat_policy_name
+from jaxdit.errors import ConfigError
+from jaxdit.models import d2it, dit_air, lumina, mmdit, pixart, race_dit
 from jaxdit.models.d2it import D2iT, DynamicContentTransformer, GrainTransformer
 from jaxdit.models.dit_air import DiTAir
 from jaxdit.models.dvae import DVAE
 from jaxdit.models.lumina import Lumina
 from jaxdit.models.mmdit import MMDiT
 from jaxdit.models.pixart import PixArtAlpha
-from jaxdit.models.race_dit import MoESpec, RaceDiT
+from jaxdit.models.moe_mlp import MoESpec
+from jaxdit.models.race_dit import RaceDiT
 from jaxdit.models.stack import TRANSIENT_COLLECTIONS
 from jaxdit.models.pretrained_text import pretrained_text_module
 from jaxdit.models.text import TextEncoder
@@ -31,6 +34,44 @@ FAMILIES = ("dit_air", "pixart", "mmdit", "race_dit", "lumina", "d2it")
 AUTOENCODER_FAMILIES = ("kl_vae", "dvae")
 # Families conditioned on a class label (text.kind="none").
 CLASS_FAMILIES = ("race_dit", "d2it") + AUTOENCODER_FAMILIES
+
+# config.model fields every denoiser reads; each family module adds its CONFIG_FIELDS. The
+# autoencoders read config.vae (and config.dvae) and only these of config.model.
+COMMON_FIELDS = ("family", "depth", "width", "num_heads", "patch_size", "mlp_ratio", "qk_norm",
+                 "sandwich", "attn_impl", "remat", "scan_layers", "dtype", "param_dtype")
+AUTOENCODER_FIELDS = ("family", "dtype", "param_dtype")
+FAMILY_FIELDS = {
+    "dit_air": COMMON_FIELDS + dit_air.CONFIG_FIELDS,
+    "pixart": COMMON_FIELDS + pixart.CONFIG_FIELDS,
+    "mmdit": COMMON_FIELDS + mmdit.CONFIG_FIELDS,
+    "race_dit": COMMON_FIELDS + race_dit.CONFIG_FIELDS,
+    "lumina": COMMON_FIELDS + lumina.CONFIG_FIELDS,
+    "d2it": COMMON_FIELDS + d2it.CONFIG_FIELDS,
+    "kl_vae": AUTOENCODER_FIELDS,
+    "dvae": AUTOENCODER_FIELDS,
+}
+# Config sections only some families read.
+SECTION_FAMILIES = {"moe": ("race_dit",), "d2it": ("d2it",), "dvae": ("dvae", "d2it")}
+
+
+def check_set_fields(family: str, names) -> None:
+    """Refuses set fields (``"model.share"``, ``"moe.k"``, ...) that ``family`` does not
+    read, naming them, the families that do and the family's own model fields: a setting
+    that would silently do nothing. Unknown families are left to the builders."""
+    if family not in FAMILY_FIELDS:
+        return
+    own = FAMILY_FIELDS[family]
+    for name in names:
+        section, _, field = name.partition(".")
+        if section == "model" and field not in own:
+            users = [f for f, fields in FAMILY_FIELDS.items() if field in fields]
+            raise ConfigError(
+                f"model.{field}: model.family={family!r} does not use it (used by "
+                f"{', '.join(users) or 'no family'}); {family}'s model fields: "
+                f"{', '.join(own)}.")
+        if section in SECTION_FAMILIES and family not in SECTION_FAMILIES[section]:
+            raise ConfigError(f"{name}: only model.family in {SECTION_FAMILIES[section]} reads "
+                              f"config.{section} (this is {family!r}).")
 
 
 def _dtype(name: str):
@@ -153,7 +194,7 @@ def build_autoencoder(config, family: str | None = None) -> nn.Module:
               num_res_blocks=v.num_res_blocks, attn=v.attn, dtype=_dtype(config.model.dtype),
               param_dtype=_dtype(config.model.param_dtype))
     if (family or config.model.family) == "kl_vae":
-        return KLAutoencoder(quant_conv=bool(v.get("quant_conv", False)), **kw)
+        return KLAutoencoder(quant_conv=bool(v.quant_conv), **kw)
     d = config.dvae
     if d.threshold < 0:
         raise ValueError("dvae.threshold is unset (negative): resolve it from the data "
@@ -223,12 +264,19 @@ def build_model(config, null_token_id: int = 1) -> nn.Module:
                              f"({vae.z_channels}, {vae.downsample}).")
     return DiffusionModel(denoiser, encoder, class_conditional=class_cond,
                           null_token_id=null_token_id, frozen_vae=vae,
-                          latent_shift=float(config.latent.get("shift", 0.0)))
+                          latent_shift=float(config.latent.shift))
 
 
 def persistent_variables(variables):
     """Drops the per-step output collections (see :data:`TRANSIENT_COLLECTIONS`)."""
     return {k: v for k, v in variables.items() if k not in TRANSIENT_COLLECTIONS}
+
+
+def condition_from_batch(batch):
+    """Model condition entries of a batch (token ids or precomputed text features)."""
+    keys = ("text_ids", "text_mask", "text_tokens", "text_pooled", "label", "patch_pos",
+            "patch_mask")
+    return {k: batch[k] for k in keys if k in batch}
 
 
 def null_condition(cond: dict[str, Any], null_token_id: int = 1) -> dict[str, Any]:

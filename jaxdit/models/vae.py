@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdit.models.attention import attention
 
@@ -87,9 +88,9 @@ LATENT_KINDS = ("identity", "kl_vae", "dvae")  # dvae: D2iT's own (jaxdit.models
 
 def make_autoencoder(config, model=None):
     """The autoencoder of ``config.latent``; ``kl_vae`` needs the model holding it."""
-    kind = config.get("kind", "identity")
+    kind = config.kind
     if kind == "identity":
-        return IdentityAutoencoder(config.get("channels", 3))
+        return IdentityAutoencoder(config.channels)
     if kind == "kl_vae":
         if model is None or getattr(model, "frozen_vae", None) is None:
             raise ValueError("latent.kind='kl_vae' encodes with the model's frozen_vae: "
@@ -349,7 +350,6 @@ def widen_latent(params, new_channels: int, rng=None, new_scale: float = 0.1):
     widened model reconstructs exactly as before and continued training learns to use
     the new channels. ``params`` may be boxed or plain arrays; returns plain arrays.
     """
-    import numpy as np  # pylint: disable=import-outside-toplevel
     params = jax.tree.map(np.asarray, nn.unbox(params))
     enc_k = params["head"]["conv_out"]["kernel"]
     enc_b = params["head"]["conv_out"]["bias"]

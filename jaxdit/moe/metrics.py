@@ -1,4 +1,4 @@
-"""Turns the per-layer values sown by :class:`jaxdit.moe.layer.MoEMlp` into train metrics."""
+"""Turns the per-layer values sown by :class:`jaxdit.models.moe_mlp.MoEMlp` into train metrics."""
 from __future__ import annotations
 
 import jax

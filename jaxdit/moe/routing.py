@@ -18,7 +18,7 @@ Each selects ``B*L*k`` (token, expert) pairs in total. Strategies that race over
 on the rest of the batch, which is sharded over devices: their top-K runs as a radix select
 with ``psum`` inside ``shard_map`` (:mod:`jaxdit.moe.topk`); the others are local to a
 sample. For the batch-dependent ones, the K-th value of each group is returned so a running
-threshold can replace the batch race at inference (see :class:`jaxdit.moe.layer.MoEMlp`).
+threshold can replace the batch race at inference (see :class:`jaxdit.models.moe_mlp.MoEMlp`).
 """
 from __future__ import annotations
 

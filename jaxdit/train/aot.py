@@ -150,7 +150,7 @@ def compile_mesh(cfg, chips: int) -> dict[str, int]:
     every chip, with the config's ``tensor`` and ``expert`` sizes (the default mesh is pure
     data parallelism, which replicates the optimizer state on every chip)."""
     axes = mesh_axes(cfg.mesh)
-    if int(axes.get("fsdp", 1)) != 1 and not cfg.mesh.get("preset"):
+    if int(axes.get("fsdp", 1)) != 1 and not cfg.mesh.preset:
         return dict(axes)
     return slice_axes(chips, int(axes.get("tensor", 1)), int(axes.get("expert", 1)))
 
@@ -245,7 +245,7 @@ def depth_extrapolated_cost(cfg, devices) -> tuple[float, float]:
     ``refine_depth + 1``), ``cost(N) = cost(d) + (N - d) * (cost(d + 1) - cost(d))``; every
     other stack (refiners, grain model) is unrolled in both and counted in full."""
     depth = int(cfg.model.depth)
-    d = int(cfg.model.get("refine_depth", 0)) + 1 if cfg.model.family == "d2it" else 1
+    d = int(cfg.model.refine_depth) + 1 if cfg.model.family == "d2it" else 1
     costs = []
     for n in (d, d + 1):
         small = cfg.copy_and_resolve_references()
@@ -273,7 +273,7 @@ def compile_train_step(cfg, topology: str, *, batch: int | None = None,
             cfg.model.remat = remat
     compiled, lower_s, compile_s, exp = lower_and_compile(cfg, devices)
     mem = compiled.memory_analysis()
-    if cfg.model.get("scan_layers", False):
+    if cfg.model.scan_layers:
         flops, seconds = depth_extrapolated_cost(cfg, devices)
         source = "extrapolated from unrolled compiles at two small depths"
     else:

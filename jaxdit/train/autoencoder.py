@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdit.train.d2it import grain_image
+
 
 def reconstruction_terms(out, images):
     """Per-batch means: ``l1``, ``mse`` (pixels) and ``kl`` (latent elements)."""
@@ -51,8 +53,6 @@ def make_autoencoder_val_fn(model):
 def make_reconstruction_fn(model):
     """Jitted ``(variables, {"image"}, rng) -> (B, S, 2S or 3S, 3)``: image | recon
     (| grain map for the DVAE)."""
-    from jaxdit.train.d2it import grain_image  # pylint: disable=import-outside-toplevel
-
     def recon(variables, cond, rng):
         del rng
         images = cond["image"]

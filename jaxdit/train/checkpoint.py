@@ -205,7 +205,7 @@ class Checkpointer:
                     msg = (f"checkpoint step {bad} is unreadable or damaged; using step "
                            f"{step} (nothing was moved).")
                 msg = f"WARNING: {msg} Cause: {str(e)[:300]}"
-                logging.warning(msg)
+                logging.info(msg)  # printed once below; INFO keeps it in log files
                 print(msg, flush=True)
             return state, step
         causes = "; ".join(f"step {st}: {str(e)[:200]}" for st, e in unreadable)

@@ -1,11 +1,11 @@
 """Config checks that need the device mesh and the data settings, run by
 :class:`jaxdit.train.loop.Experiment` before anything is compiled: each raises a
-:class:`~jaxdit.config_lib.ConfigError` naming the field."""
+:class:`~jaxdit.errors.ConfigError` naming the field."""
 from __future__ import annotations
 
 import jax
 
-from jaxdit.config_lib import ConfigError
+from jaxdit.errors import ConfigError
 from jaxdit.data.pipeline import bucket_sizes
 from jaxdit.diffusion.flow import pooled_grid
 from jaxdit.models.dvae import fine_downsample, region_size

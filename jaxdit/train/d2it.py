@@ -112,8 +112,8 @@ def make_d2it_sample_fn(model, config, image_size: int):
 
         fn = cfg_model(apply, {"label": label, "grain": grain},
                        {"label": jnp.full_like(label, -1), "grain": grain},
-                       float(s.cfg_scale), renorm=float(s.get("cfg_renorm", 0.0)),
-                       trunc=float(s.get("cfg_trunc", 1.0)))
+                       float(s.cfg_scale), renorm=float(s.cfg_renorm),
+                       trunc=float(s.cfg_trunc))
         noise = multigrain_noise(k_noise, (b, side, side, channels), grain)
         x = sample(fn, noise, k_sde, method=s.method, sde=False, num_steps=int(s.num_steps),
                    shift=float(s.shift))

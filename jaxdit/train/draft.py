@@ -62,7 +62,7 @@ def draft_sample(velocity_fn, noise, num_steps: int, grad_steps: int, shift: flo
 
 def draft_loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg, cond):
     """``(loss, (metrics, model_state))`` of one DRaFT batch; ``cond`` is the batch's model
-    condition (:func:`jaxdit.train.step.condition_from_batch`)."""
+    condition (:func:`jaxdit.models.registry.condition_from_batch`)."""
     d = cfg.draft
     if d.reward not in REWARDS:
         raise ValueError(f"Unknown draft.reward {d.reward!r}; available: {REWARDS}.")

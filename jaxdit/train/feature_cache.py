@@ -34,7 +34,8 @@ from jaxdit.data.pipeline import (Preprocess, bucket_sizes, make_source, make_to
 from jaxdit.convert.text import load_pretrained_text
 from jaxdit.models.pretrained_text import pretrained_text_module
 from jaxdit.models.text import PretrainedText, masked_mean
-from jaxdit.train.stages import configure_latent_vae, latent_scale, trained_weights
+from jaxdit.train.load import trained_weights
+from jaxdit.train.stages import configure_latent_vae, latent_scale
 
 
 def make_encode_fn(cfg):
@@ -75,7 +76,7 @@ def image_encoder(cfg):
     unscaled = jax.jit(lambda x: model.apply({"params": params}, x, method="encode"))
     if cfg.latent.scale <= 0:
         cfg.latent.scale = latent_scale(unscaled, cfg, cfg.latent.scale_images)
-    scale, shift = float(cfg.latent.scale), float(cfg.latent.get("shift", 0.0))
+    scale, shift = float(cfg.latent.scale), float(cfg.latent.shift)
     logging.info("Latents of the KL-VAE in %s, scale %.4f, shift %.4f", cfg.latent.vae_workdir,
                  scale, shift)
     return lambda images: (unscaled(images) - shift) * scale

@@ -120,7 +120,7 @@ class ParamNormMonitor:
     logged scalars and warns once per order of magnitude it grows."""
 
     def __init__(self, cfg, params):
-        self.limit = float(cfg.train.get("param_norm_warn_ratio", 10.0))
+        self.limit = float(cfg.train.param_norm_warn_ratio)
         self.start = float(jax.device_get(jnp.sqrt(sum(
             jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(params)))))
         self.warned_at = 0.0

@@ -1,4 +1,5 @@
-"""``load_experiment``: a trained run's model and weights for sampling and evaluation.
+"""``load_experiment``: a trained run's model and weights for sampling and evaluation;
+``trained_weights``: a frozen autoencoder's, for the feature cache.
 
 Reads the run's own config from its checkpoint, builds the :class:`Experiment` on one
 device and restores the train state. Without an explicit step it uses the newest
@@ -10,10 +11,16 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from jaxdit.config_lib import base_config
+from jaxdit.convert.common import is_diffusers_vae
+from jaxdit.models.registry import build_autoencoder
 from jaxdit.train.checkpoint import CheckpointError, Checkpointer
 from jaxdit.train.loop import Experiment
+from jaxdit.train.stages import configure_latent_vae, diffusers_vae_weights
 
 
 def _for_one_device(config) -> None:
@@ -70,3 +77,19 @@ def _run_config(ckpt: Checkpointer, steps: list[int], adjust):
     if adjust is not None:
         adjust(config)
     return config
+
+
+def trained_weights(workdir: str):
+    """``(model, EMA params)`` of the newest intact checkpoint of the training run in
+    ``workdir`` (read-only, on one device); for a diffusers ``AutoencoderKL`` folder, the
+    converted KL-VAE."""
+    if not is_diffusers_vae(workdir):
+        exp, state, _ = load_experiment(workdir)
+        return exp.model, state.ema_params
+    config = base_config()
+    config.latent.update(kind="kl_vae", vae_workdir=workdir)
+    configure_latent_vae(config)
+    model = build_autoencoder(config, "kl_vae")
+    images = jnp.zeros((1, 8, 8, 3))
+    shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images, False)))
+    return model, diffusers_vae_weights(workdir, shapes["params"])

@@ -19,13 +19,13 @@ import json
 import os
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdit.config_lib import ConfigError, autoencoder_sections, base_config
+from jaxdit.config_lib import autoencoder_sections, base_config
 from jaxdit.data.pipeline import make_dataset, make_source
+from jaxdit.errors import ConfigError
 from jaxdit.convert.common import is_diffusers_vae, read_diffusers_dir
 from jaxdit.convert.vae import kl_vae_config_from_diffusers, kl_vae_from_diffusers
 from jaxdit.models.dvae import fine_downsample
@@ -54,7 +54,7 @@ def configure_latent_vae(config) -> None:
     latent size from ``latent.vae_workdir``: a kl_vae training run, or a diffusers
     ``AutoencoderKL`` folder (e.g. Stable Diffusion's or FLUX's VAE; its ``scaling_factor``
     becomes ``latent.scale`` unless that is set, its ``shift_factor`` ``latent.shift``)."""
-    workdir = config.latent.get("vae_workdir", "")
+    workdir = config.latent.vae_workdir
     if is_diffusers_vae(workdir):
         fields = kl_vae_config_from_diffusers(json.loads(
             (Path(workdir) / "config.json").read_text()))
@@ -140,7 +140,7 @@ def load_latent_vae(exp, state):
     else:
         previous, step = restore_earlier_run(exp, saved_config(workdir), workdir)
         weights, origin = previous.ema_params, f"step {step}"
-    scale = float(cfg.latent.get("scale", 0.0))
+    scale = float(cfg.latent.scale)
     if scale <= 0:
         if cfg.data.source == "cached":
             raise ConfigError("latent.scale is unset but the data are cached latents: the "
@@ -166,7 +166,7 @@ def load_widened_vae(exp, state):
         raise ConfigError(f"vae.widen_from={cfg.vae.widen_from} trained model.family="
                           f"{source.model.family!r}, not 'kl_vae'.")
     fields = ("ch", "ch_mult", "num_res_blocks", "attn", "quant_conv")
-    if cfg.vae.get("quant_conv", False):
+    if cfg.vae.quant_conv:
         raise ConfigError("vae.widen_from widens VAEs without quant convs (vae.quant_conv).")
     if any(tuple(np.atleast_1d(source.vae.get(k, False))) != tuple(np.atleast_1d(
             cfg.vae.get(k, False))) for k in fields):
@@ -187,29 +187,6 @@ def saved_config(workdir: str):
         return ckpt.restore_config()
     finally:
         ckpt.close()
-
-
-def trained_weights(workdir: str, devices=None):
-    """``(model, EMA params)`` of the latest checkpoint of the training run in ``workdir``,
-    rebuilt from its saved config on ``devices`` (default: the first device); for a
-    diffusers ``AutoencoderKL`` folder, the converted KL-VAE."""
-    from jaxdit.models.registry import build_autoencoder  # pylint: disable=import-outside-toplevel
-    from jaxdit.train.loop import Experiment  # pylint: disable=import-outside-toplevel
-    if is_diffusers_vae(workdir):
-        config = base_config()
-        config.latent.update(kind="kl_vae", vae_workdir=workdir)
-        configure_latent_vae(config)
-        model = build_autoencoder(config, "kl_vae")
-        images = jnp.zeros((1, 8, 8, 3))
-        shapes = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), images,
-                                                            False)))
-        return model, diffusers_vae_weights(workdir, shapes["params"])
-    config = saved_config(workdir)
-    config.mesh = base_config().mesh  # all data-parallel over ``devices``
-    exp = Experiment(config, devices or jax.devices()[:1])
-    with exp.context():
-        state, _ = restore_workdir(exp, workdir)
-    return exp.model, state.ema_params
 
 
 def place_like(tree, new):

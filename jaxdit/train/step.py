@@ -15,7 +15,8 @@ import optax
 
 from jaxdit.diffusion import flow
 from jaxdit.models.layers import patchify
-from jaxdit.models.registry import TRANSIENT_COLLECTIONS, drop_condition, persistent_variables
+from jaxdit.models.registry import (TRANSIENT_COLLECTIONS, condition_from_batch, drop_condition,
+                                    persistent_variables)
 from jaxdit.moe.metrics import summarize as summarize_moe
 from jaxdit.train.autoencoder import autoencoder_loss_fn
 from jaxdit.train.d2it import d2it_loss_fn
@@ -32,13 +33,6 @@ OBJECTIVES = ("flow", "draft", "autoencoder", "d2it")
 MUTABLE = ("moe_state",) + TRANSIENT_COLLECTIONS
 
 
-def condition_from_batch(batch):
-    """Model condition entries of a batch (token ids or precomputed text features)."""
-    keys = ("text_ids", "text_mask", "text_tokens", "text_pooled", "label", "patch_pos",
-            "patch_mask")
-    return {k: batch[k] for k in keys if k in batch}
-
-
 def deep_supervision_loss(preds, target, patch_size: int):
     """Per-layer regularisation (Race-DiT PLR): mean over layers of the MSE between each
     layer's target-head prediction (B, N, p*p*C) and the patchified target (B, H, W, C)."""
@@ -50,7 +44,7 @@ def deep_supervision_loss(preds, target, patch_size: int):
 def train_shift(cfg, x0) -> float:
     """Time shift for latents ``x0``: ``diffusion.shift``, or Lumina's resolution-dependent
     shift from the image token count when ``diffusion.resolution_shift``."""
-    if not cfg.diffusion.get("resolution_shift", False):
+    if not cfg.diffusion.resolution_shift:
         return cfg.diffusion.shift
     p = cfg.model.patch_size
     tokens = x0.shape[1] if x0.ndim == 3 else (x0.shape[1] // p) * (x0.shape[2] // p)
@@ -89,7 +83,7 @@ def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
     branch (own t and noise, same captions, same shift, as Lumina's fine-tuning) adds the
     loss on average-pooled latents; its MoE regularisers are not added.
     """
-    objective = cfg.train.get("objective", "flow")
+    objective = cfg.train.objective
     if objective == "draft":  # reward fine-tuning (jaxdit.train.draft)
         return draft_loss_fn(params, model_state, batch, rng, model=model,
                              autoencoder=autoencoder, cfg=cfg, cond=condition_from_batch(batch))
@@ -109,7 +103,7 @@ def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
     per_sample, t, noise, out = diffusion_branch(model, variables, x0, cond, k_main, cfg, shift)
     loss = per_sample.mean()
     metrics = {"t_mean": t.mean(), "diffusion_loss": loss}
-    pool = cfg.diffusion.get("multires_pool", 0)
+    pool = cfg.diffusion.multires_pool
     if pool:
         low_x0, low_cond = pooled_branch_inputs(x0, cond, pool, cfg.model.patch_size)
         low, *_ = diffusion_branch(model, variables, low_x0, low_cond, k_low, cfg, shift)
@@ -184,7 +178,7 @@ def train_step(state: TrainState, batch, *, model, autoencoder, tx, schedule, cf
     # learning rate): the new state is checked too, and such a step is skipped the same way.
     update_finite = all_finite(new)
     finite = inputs_finite & update_finite
-    if cfg.optim.get("skip_nonfinite", True):  # a NaN/Inf step keeps the old values
+    if cfg.optim.skip_nonfinite:  # a NaN/Inf step keeps the old values
         old = (state.params, state.ema_params, state.opt_state, state.model_state)
         params, ema, opt_state, model_state = keep_if(finite, new, old)
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,

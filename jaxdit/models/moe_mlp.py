@@ -22,6 +22,7 @@ routing statistics into ``moe_metrics`` (see :func:`jaxdit.moe.metrics.summarize
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -55,27 +56,37 @@ def mesh_layout(batch: int, num_experts: int):
     return token_axes, expert_axis
 
 
-class MoEMlp(nn.Module):
-    """Mixture-of-experts MLP; see the module docstring. Output ``(B, L, d)``."""
+@dataclasses.dataclass(frozen=True)
+class MoESpec:
+    """MoE settings of every block (see :class:`MoEMlp`); ``hidden_split`` s gives experts of
+    hidden ``mlp_ratio * d / s``; "x-in-y" is ``k=x`` of ``num_experts=y``."""
     num_experts: int
     k: int
-    hidden: int
+    hidden_split: int = 1
     routing: str = "expert_race"
     gating: str = "identity"
     capacity_factor: float = 2.0
     eval_capacity_factor: float = 0.0
     threshold_decay: float = 0.95
-    target_dim: int = 0  # PLR target-head width (p*p*C); 0 disables PLR
+    plr: bool = True
     similarity_weight: float = 0.0
     balance_weight: float = 0.0
     topk_bits: int = 4
     topk_method: str = "radix"
     expert_impl: str = "auto"
+
+
+class MoEMlp(nn.Module):
+    """Mixture-of-experts MLP with the settings ``spec`` (see the module docstring), experts
+    of hidden width ``hidden``. Output ``(B, L, d)``."""
+    spec: MoESpec
+    hidden: int
+    target_dim: int = 0  # PLR target-head width (p*p*C); 0 disables PLR
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
     def _expert_params(self, d):
-        e, h, pd = self.num_experts, self.hidden, self.param_dtype
+        e, h, pd = self.spec.num_experts, self.hidden, self.param_dtype
 
         def param(name, init, shape, axes):
             return self.param(name, nn.with_logical_partitioning(init, axes), shape, pd)
@@ -89,48 +100,48 @@ class MoEMlp(nn.Module):
     def _select(self, scores, training, token_axes):
         """Routing mask (B, L, E); updates the running threshold when training."""
         b, l, e = scores.shape
-        if not routing.batch_dependent(self.routing):
-            mask, _ = routing.route(scores, self.routing, self.k, bits=self.topk_bits,
-                                    method=self.topk_method)
+        if not routing.batch_dependent(self.spec.routing):
+            mask, _ = routing.route(scores, self.spec.routing, self.spec.k, bits=self.spec.topk_bits,
+                                    method=self.spec.topk_method)
             return mask
-        g = routing.group_size(self.routing, l, e)
+        g = routing.group_size(self.spec.routing, l, e)
         ema = self.variable("moe_state", "threshold_ema", jnp.zeros, (g,), jnp.float32)
         count = self.variable("moe_state", "updates", jnp.zeros, (), jnp.int32)
         if training:
-            mask, kth = routing.route(scores, self.routing, self.k, mesh=None,
-                                      batch_axes=token_axes, bits=self.topk_bits,
-                                      method=self.topk_method)
+            mask, kth = routing.route(scores, self.spec.routing, self.spec.k, mesh=None,
+                                      batch_axes=token_axes, bits=self.spec.topk_bits,
+                                      method=self.spec.topk_method)
             if not self.is_initializing():
-                decay = self.threshold_decay
+                decay = self.spec.threshold_decay
                 ema.value = decay * ema.value + (1.0 - decay) * jax.lax.stop_gradient(kth)
                 count.value = count.value + 1
             self.sow("moe_metrics", "batch_threshold", jnp.mean(kth))
             return mask
         n = count.value.astype(jnp.float32)
-        tau = jnp.where(n > 0, ema.value / (1.0 - self.threshold_decay ** jnp.maximum(n, 1.0)),
+        tau = jnp.where(n > 0, ema.value / (1.0 - self.spec.threshold_decay ** jnp.maximum(n, 1.0)),
                         0.0)
-        return routing.threshold_route(scores, self.routing, tau)
+        return routing.threshold_route(scores, self.spec.routing, tau)
 
     @nn.compact
     def __call__(self, x):
         b, l, d = x.shape
-        e = self.num_experts
+        e = self.spec.num_experts
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         trunk = nn.gelu(dense(d, ("embed", "mlp"), name="router_fc", **kw)(x), approximate=True)
         logits = dense(e, ("mlp", None), name="gate_head", **kw)(trunk).astype(jnp.float32)
         if self.target_dim:
             pred = dense(self.target_dim, ("mlp", None), name="target_head", **kw)(trunk)
             self.sow("deep_pred", "pred", pred.astype(jnp.float32))
-        scores = routing.gate(logits, self.gating)
+        scores = routing.gate(logits, self.spec.gating)
         training = self.is_mutable_collection("moe_state")
         token_axes, expert_axis = mesh_layout(b, e)
         mask = self._select(scores, training, token_axes)
         weight = jnp.where(mask, scores, 0.0)
         params = self._expert_params(d)
-        cf = self.capacity_factor if training else self.eval_capacity_factor
-        y, dropped = experts.expert_ffn(x, mask, weight, params, k=self.k, capacity_factor=cf,
+        cf = self.spec.capacity_factor if training else self.spec.eval_capacity_factor
+        y, dropped = experts.expert_ffn(x, mask, weight, params, k=self.spec.k, capacity_factor=cf,
                                         token_axes=token_axes, expert_axis=expert_axis,
-                                        impl=self.expert_impl)
+                                        impl=self.spec.expert_impl)
         self._sow_losses_and_metrics(logits, mask, dropped)
         return y
 
@@ -138,13 +149,13 @@ class MoEMlp(nn.Module):
         if not (self.is_mutable_collection("aux_loss")
                 or self.is_mutable_collection("moe_metrics")):
             return
-        e = self.num_experts
+        e = self.spec.num_experts
         flat_logits, flat_mask = logits.reshape(-1, e), mask.reshape(-1, e)
-        if self.similarity_weight:
-            self.sow("aux_loss", "router_similarity", self.similarity_weight
+        if self.spec.similarity_weight:
+            self.sow("aux_loss", "router_similarity", self.spec.similarity_weight
                      * losses.router_similarity_loss(flat_logits, flat_mask))
-        if self.balance_weight:
-            self.sow("aux_loss", "balance", self.balance_weight
+        if self.spec.balance_weight:
+            self.sow("aux_loss", "balance", self.spec.balance_weight
                      * losses.balance_loss(flat_logits, flat_mask))
         m = flat_mask.astype(jnp.float32)
         selected = jnp.sum(m)

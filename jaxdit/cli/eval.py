@@ -100,7 +100,9 @@ def evaluate_step(workdir: str, step: int | None, num_samples: int = 64,
 
 def main(argv):
     reject_stray(argv, __name__)
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
+    # Orbax logs every restore at INFO and warns about metadata a read-only restore does not
+    # need; jaxdit prints its own warnings, so only errors of the libraries are shown.
+    logging.set_verbosity(logging.ERROR)
     steps = [FLAGS.step]  # None: the newest intact checkpoint
     if FLAGS.all_steps:
         ckpt = run_or_fail(Checkpointer, (CheckpointError,),

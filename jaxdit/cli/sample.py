@@ -89,7 +89,9 @@ def check_request(config) -> None:
 
 def main(argv):
     reject_stray(argv, __name__)
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every step at INFO
+    # Orbax logs every restore at INFO and warns about metadata a read-only restore does not
+    # need; jaxdit prints its own warnings, so only errors of the libraries are shown.
+    logging.set_verbosity(logging.ERROR)
     exp, state, step = run_or_fail(load_experiment, INPUT_ERRORS, FLAGS.workdir,
                                    FLAGS.step, check_request)
     config = exp.config

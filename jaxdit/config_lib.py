@@ -353,6 +353,13 @@ def autoencoder_sections(config):
     config.vae = ml_collections.ConfigDict(dict(
         z_channels=4, ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, attn=True,
         l1_weight=1.0, l2_weight=1.0, kl_weight=1e-6,
+        # LPIPS (VGG16, v0.1 heads): weight of the perceptual term and the params folder
+        # written by tools/convert_lpips.py ("random": the random init, for tests only).
+        lpips_weight=0.0, lpips_weights="",
+        # PatchGAN discriminator (jaxdit.train.adversarial): generator weight (0: none),
+        # cap of the adaptive weight, first step with the GAN terms, loss, width, depth.
+        disc_weight=0.0, disc_weight_max=1e4, disc_start=0, disc_loss="hinge",
+        disc_ndf=64, disc_layers=3,
         # progressive VAE: a kl_vae training workdir with fewer latent channels whose EMA
         # weights start this run, widened to z_channels (jaxdit.models.vae.widen_latent)
         widen_from="",
@@ -397,6 +404,9 @@ def d2it_config(arg: str | None):
             config.model.update(depth=depth, width=width, num_heads=heads)
         config.optim.update(name="adamw", lr=1e-4, ema_decay=0.9999)
         config.train.batch_size = 256
+        if stage1:  # DQ-VAE's loss: L1 + LPIPS + hinge PatchGAN, adaptive weight <= 0.75
+            config.vae.update(lpips_weight=1.0, disc_weight=1.0, disc_weight_max=0.75,
+                              disc_start=0, l2_weight=0.0)
     elif size == "tiny":
         tiny_setup(config)
         # 32-px shapes: f2 fine / f4 coarse -> 16x16x4 latent, 8x8 grain map (64 tokens).
@@ -449,6 +459,8 @@ def vae_config(arg: str | None):
         config.data.image_size = 256
         config.optim.lr = 4.5e-6 * 8 * 12  # taming's lr = n_gpu x batch x 4.5e-6
         config.train.batch_size = 96
+        # LDM's autoencoder_kl_f8 loss: LPIPS 1.0, discriminator 0.5 from step 50001.
+        config.vae.update(lpips_weight=1.0, disc_weight=0.5, disc_start=50001)
     else:
         raise ValueError(f"Unknown VAE size {size!r}; available: tiny, f8.")
     for k, v in overrides.items():

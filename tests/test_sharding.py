@@ -69,9 +69,13 @@ MOE_VARIANTS = [("race_dit", "tiny-4in16"), ("race_dit", "tiny-2in8,routing=bl_c
                 ("race_dit", "tiny-dense")]
 # D2iT stage 2 (frozen DVAE + grain and content transformers), stage 1 (the DVAE) and the
 # KL-VAE (conv weights replicated: only the batch is split).
-D2IT_VARIANTS = [("d2it", "tiny"), ("dvae", "dvae-tiny"), ("kl_vae", "tiny-4ch")]
+# The KL-VAE also with its LPIPS (random VGG16) and PatchGAN terms: the discriminator's
+# batch statistics are those of the global batch.
+GAN_VAE = "tiny-4ch,disc_weight=0.5,disc_layers=2,lpips_weight=1.0,lpips_weights=random"
+D2IT_VARIANTS = [("d2it", "tiny"), ("dvae", "dvae-tiny"), ("kl_vae", "tiny-4ch"),
+                 ("kl_vae", GAN_VAE)]
 MESHES_FOR["dvae-tiny"] = ("data8",)  # replicated weights: only the batch split differs
-MESHES_FOR["tiny-4ch"] = ("data8",)
+MESHES_FOR["tiny-4ch"] = MESHES_FOR[GAN_VAE] = ("data8",)
 # PixArt-alpha and SD3's MMDiT as published (diffusers-convertible layouts).
 LAYOUT_VARIANTS = [("pixart", "tiny,layout=original,qk_norm=False,sandwich=False"),
                    ("mmdit", "tiny,layout=original,sandwich=False,text_hidden_ratio=0")]

@@ -54,9 +54,13 @@ def _vae_config(arg):
 
 @pytest.fixture(scope="module")
 def vae4(tmp_path_factory):
-    """A 2-step 4-channel tiny KL-VAE run: ``(workdir, its final metrics)``."""
+    """A 2-step 4-channel tiny KL-VAE run: ``(workdir, its final metrics)``. It trains with
+    its PatchGAN discriminator on, so every later stage (widening, a frozen latent space,
+    a feature cache) must take the autoencoder's weights without the discriminator's."""
     workdir = str(tmp_path_factory.mktemp("vae4"))
-    return workdir, train_and_evaluate(_vae_config("tiny-4ch"), workdir, ONE)
+    cfg = _vae_config("tiny-4ch")
+    cfg.vae.update(disc_weight=0.5, disc_layers=2)  # 16-px images
+    return workdir, train_and_evaluate(cfg, workdir, ONE)
 
 
 def test_progressive_run_starts_from_the_narrow_vae(vae4):

@@ -1,7 +1,9 @@
 """Autoencoder training (``train.objective="autoencoder"``): the KL-VAE and D2iT's DVAE.
 
 Loss per batch: ``l1_weight * |x - x^| + l2_weight * (x - x^)^2`` (means over pixels) +
-``kl_weight * KL`` (mean over latent elements), from ``config.vae``. Validation reports the
+``lpips_weight * LPIPS(x, x^)`` + ``kl_weight * KL`` (mean over latent elements), from
+``config.vae``, plus, with ``disc_weight > 0``, the PatchGAN terms
+(:mod:`jaxdit.train.adversarial`). Validation reports the
 reconstruction MSE, PSNR and KL of the posterior mean / samples; sample grids show each
 validation image beside its reconstruction (and its grain map for the DVAE).
 """
@@ -10,6 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdit.models.lpips import LPIPS
+from jaxdit.train.adversarial import (LPIPS_KEY, adversarial_terms, autoencoder_params,
+                                      reconstruct_with_last_layer, uses_discriminator,
+                                      uses_lpips)
 from jaxdit.train.d2it import grain_image
 
 
@@ -19,14 +25,48 @@ def reconstruction_terms(out, images):
     return {"l1": jnp.abs(diff).mean(), "mse": jnp.square(diff).mean(), "kl": out["kl"].mean()}
 
 
-def autoencoder_loss_fn(params, model_state, batch, rng, *, model, cfg):
-    """``(loss, (metrics, model_state))`` of one reconstruction batch (``image``)."""
-    out = model.apply({"params": params, **model_state}, batch["image"], sample=True,
-                      rngs={"sample": rng})
-    terms = reconstruction_terms(out, batch["image"])
-    v = cfg.vae
-    loss = v.l1_weight * terms["l1"] + v.l2_weight * terms["mse"] + v.kl_weight * terms["kl"]
-    metrics = {f"recon_{k}": x for k, x in terms.items()}
+def reconstruction_loss_fn(params, images, vae_cfg):
+    """``recon -> (scalar, metrics)``: ``l1_weight * L1 + l2_weight * MSE`` (+
+    ``lpips_weight * LPIPS`` with the frozen ``frozen_lpips`` weights)."""
+    lpips_params = (jax.lax.stop_gradient(params[LPIPS_KEY]) if uses_lpips(vae_cfg) else None)
+
+    def rec_loss(recon):
+        diff = recon.astype(jnp.float32) - images.astype(jnp.float32)
+        loss = vae_cfg.l1_weight * jnp.abs(diff).mean() + vae_cfg.l2_weight * jnp.square(diff).mean()
+        metrics = {}
+        if lpips_params is not None:
+            metrics["lpips"] = LPIPS().apply({"params": lpips_params}, images, recon).mean()
+            loss = loss + vae_cfg.lpips_weight * metrics["lpips"]
+        return loss, metrics
+    return rec_loss
+
+
+def autoencoder_loss_fn(params, model_state, batch, rng, *, model, cfg, step):
+    """``(loss, (metrics, model_state))`` of one reconstruction batch (``image``): the
+    reconstruction loss + ``kl_weight * KL``, and with ``vae.disc_weight > 0`` the GAN terms
+    of :func:`jaxdit.train.adversarial.adversarial_terms` (from step ``vae.disc_start``)."""
+    v, images = cfg.vae, batch["image"]
+    vae_params = autoencoder_params(params)
+
+    def apply(p):
+        return model.apply({"params": p, **model_state}, images, sample=True,
+                           rngs={"sample": rng})
+    if uses_discriminator(v):
+        recon, out, last_layer_vjp = reconstruct_with_last_layer(apply, vae_params)
+    else:
+        out = apply(vae_params)
+        recon = out["recon"]
+    rec, rec_vjp, rec_metrics = jax.vjp(reconstruction_loss_fn(params, images, v), recon,
+                                        has_aux=True)
+    terms = reconstruction_terms(out, images)
+    loss = rec + v.kl_weight * terms["kl"]
+    metrics = {**{f"recon_{k}": x for k, x in terms.items()}, **rec_metrics}
+    if uses_discriminator(v):
+        d_rec = rec_vjp(jnp.ones((), jnp.float32))[0]
+        adv, adv_metrics = adversarial_terms(params, images, recon, d_rec, last_layer_vjp,
+                                             step, v)
+        loss = loss + adv
+        metrics.update(adv_metrics)
     if "grain" in out:
         metrics["fine_ratio"] = out["grain"].mean()
     return loss, (metrics, model_state)
@@ -37,16 +77,28 @@ def psnr(mse):
     return 10.0 * jnp.log10(4.0 / jnp.maximum(mse, 1e-12))
 
 
+def gradient_magnitude(images):
+    """Mean absolute difference of horizontally and vertically adjacent pixels of
+    ``(B, H, W, C)`` images: a sharpness measure (blur lowers it)."""
+    x = images.astype(jnp.float32)
+    return (jnp.abs(x[:, 1:] - x[:, :-1]).mean() + jnp.abs(x[:, :, 1:] - x[:, :, :-1]).mean())
+
+
 def make_autoencoder_val_fn(model):
-    """Jitted ``(variables, batch, rng) -> {"mse", "psnr", "kl", "mse_sampled"}``: MSE
-    from the posterior mean and from a posterior sample, and the mean KL."""
+    """Jitted ``(variables, batch, rng) -> {"mse", "psnr", "kl", "mse_sampled",
+    "sharpness"}``: MSE from the posterior mean and from a posterior sample, the mean KL,
+    and the reconstructions' :func:`gradient_magnitude` over the originals' (1 = as sharp,
+    below 1 = blurrier)."""
     def val(variables, batch, rng):
         images = batch["image"]
         mean_out = model.apply(variables, images, sample=False)
         sampled = model.apply(variables, images, sample=True, rngs={"sample": rng})
         terms = reconstruction_terms(mean_out, images)
+        sharp = gradient_magnitude(jnp.clip(mean_out["recon"], -1, 1)) / jnp.maximum(
+            gradient_magnitude(images), 1e-8)
         return {"mse": terms["mse"], "psnr": psnr(terms["mse"]), "kl": terms["kl"],
-                "mse_sampled": reconstruction_terms(sampled, images)["mse"]}
+                "mse_sampled": reconstruction_terms(sampled, images)["mse"],
+                "sharpness": sharp}
     return jax.jit(val)
 
 

@@ -12,6 +12,7 @@ from jaxdit.models.dvae import fine_downsample, region_size
 from jaxdit.models.registry import AUTOENCODER_FAMILIES
 from jaxdit.models.vae import LATENT_KINDS
 from jaxdit.parallel.mesh import batch_divisor
+from jaxdit.train.adversarial import DISC_LOSSES
 from jaxdit.train.draft import REWARDS
 from jaxdit.train.step import OBJECTIVES
 
@@ -39,6 +40,8 @@ def validate_config(config, mesh) -> None:
         if config.data.image_size % region:
             raise ConfigError(f"data.image_size={config.data.image_size} must be a multiple of "
                               f"the DVAE region size {region} (2**(len(vae.ch_mult)-1)).")
+    if t.objective == "autoencoder":
+        check_autoencoder_losses(config.vae, config.data.image_size)
     if family == "d2it":
         if config.sampler.sde:
             raise ConfigError("D2iT samples with an ODE sampler (fresh SDE noise would break "
@@ -102,3 +105,24 @@ def check_multires_pool(config) -> None:
     if small:
         raise ConfigError(f"diffusion.multires_pool={pool}: patch grids {small} pool to no "
                           f"whole patch of {p}; use a smaller pool factor or larger images.")
+
+
+def check_autoencoder_losses(v, image_size: int) -> None:
+    """The perceptual and adversarial settings of ``config.vae``."""
+    if v.lpips_weight < 0 or v.disc_weight < 0:
+        raise ConfigError(f"vae.lpips_weight={v.lpips_weight} and vae.disc_weight="
+                          f"{v.disc_weight} must be >= 0 (0 turns the term off).")
+    if v.lpips_weight > 0 and image_size < 16:
+        raise ConfigError(f"LPIPS needs images of at least 16 pixels, data.image_size="
+                          f"{image_size}.")
+    if v.disc_weight > 0:
+        if v.disc_loss not in DISC_LOSSES:
+            raise ConfigError(f"Unknown vae.disc_loss {v.disc_loss!r}; available: {DISC_LOSSES}.")
+        if v.disc_weight_max <= 0 or v.disc_start < 0 or v.disc_layers < 1 or v.disc_ndf < 1:
+            raise ConfigError("vae.disc_weight_max must be > 0, vae.disc_start >= 0, "
+                              "vae.disc_layers and vae.disc_ndf >= 1.")
+        patches = image_size // 2 ** v.disc_layers - 2  # (4x4 convs, padding 1)
+        if patches < 1:
+            raise ConfigError(f"data.image_size={image_size} is too small for a "
+                              f"{v.disc_layers}-layer discriminator: it needs at least "
+                              f"{3 * 2 ** v.disc_layers} pixels; lower vae.disc_layers.")

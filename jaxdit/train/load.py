@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxdit.config_lib import base_config
 from jaxdit.convert.common import is_diffusers_vae
 from jaxdit.models.registry import build_autoencoder
+from jaxdit.train.adversarial import autoencoder_params
 from jaxdit.train.checkpoint import CheckpointError, Checkpointer
 from jaxdit.train.loop import Experiment
 from jaxdit.train.stages import configure_latent_vae, diffusers_vae_weights
@@ -80,12 +81,13 @@ def _run_config(ckpt: Checkpointer, steps: list[int], adjust):
 
 
 def trained_weights(workdir: str):
-    """``(model, EMA params)`` of the newest intact checkpoint of the training run in
+    """``(model, EMA params)`` (an autoencoder's without its discriminator / LPIPS) of the
+    newest intact checkpoint of the training run in
     ``workdir`` (read-only, on one device); for a diffusers ``AutoencoderKL`` folder, the
     converted KL-VAE."""
     if not is_diffusers_vae(workdir):
         exp, state, _ = load_experiment(workdir)
-        return exp.model, state.ema_params
+        return exp.model, autoencoder_params(state.ema_params)  # without its critics
     config = base_config()
     config.latent.update(kind="kl_vae", vae_workdir=workdir)
     configure_latent_vae(config)

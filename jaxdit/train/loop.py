@@ -37,11 +37,14 @@ from jaxdit.train.checks import validate_config
 from jaxdit.train.health import (ParamNormMonitor, SkipMonitor, TrainingDiverged,
                                  nonfinite_paths, report)
 from jaxdit.train.metrics import MetricWriter, Progress
+from jaxdit.train.adversarial import (DISC_KEY, LPIPS_KEY, init_critics, uses_discriminator,
+                                      uses_lpips)
 from jaxdit.train.autoencoder import make_autoencoder_val_fn, make_reconstruction_fn
 from jaxdit.train.d2it import make_d2it_sample_fn, make_d2it_val_fn
 from jaxdit.train.optimizers import make_optimizer
 from jaxdit.train.stages import (configure_from_vae, configure_latent_vae, init_params,
-                                  load_latent_vae, load_stage1_vae, load_widened_vae)
+                                  load_latent_vae, load_lpips_weights, load_stage1_vae,
+                                  load_widened_vae)
 from jaxdit.train.state import (abstract_state, count_params, create_train_state,
                                  state_shardings)
 from jaxdit.train.step import train_step
@@ -101,12 +104,22 @@ class Experiment:
         self.autoencoder = None if own_vae else make_autoencoder(config.latent, self.model)
         if config.data.source == "cached":
             self.autoencoder = PrecomputedLatents(self.autoencoder)
+        critics = config.train.objective == "autoencoder" and (
+            uses_discriminator(config.vae) or uses_lpips(config.vae))
         self.tx, self.schedule = make_optimizer(
             config.optim, config.train.steps,
             frozen=(config.text.kind == "pretrained" or family == "d2it"
-                    or config.latent.kind == "kl_vae"))
+                    or config.latent.kind == "kl_vae" or critics),
+            own=(DISC_KEY,) if critics and uses_discriminator(config.vae) else ())
         inputs = example_inputs(config)
-        self.init_variables = lambda rng: persistent_variables(self.model.init(rng, *inputs))
+
+        def init_variables(rng):
+            variables = persistent_variables(self.model.init(rng, *inputs))
+            if critics:  # the autoencoder's LPIPS / discriminator beside its own params
+                extra = init_critics(jax.random.fold_in(rng, 1), config.vae, inputs[0])
+                variables["params"] = {**variables["params"], **extra}
+            return variables
+        self.init_variables = init_variables
 
     @functools.cached_property
     def state_sh(self):
@@ -129,6 +142,8 @@ class Experiment:
             state = load_widened_vae(self, state)
         if self.config.latent.kind == "kl_vae" and self.config.latent.vae_workdir:
             state = load_latent_vae(self, state)
+        if LPIPS_KEY in state.params:
+            state = load_lpips_weights(state, self.config.vae.lpips_weights)
         return state
 
     def abstract_state(self):

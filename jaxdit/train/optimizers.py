@@ -111,12 +111,24 @@ def frozen_labels(params):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(cfg, total_steps: int, frozen: bool = False):
+def param_labels(params, own: tuple = ()):
+    """:func:`frozen_labels`, with the top-level entries named in ``own`` labelled by
+    their name."""
+    labels = frozen_labels(params)
+    return {k: (jax.tree.map(lambda _, k=k: k, v) if k in own else labels[k])
+            for k, v in params.items()}
+
+
+def make_optimizer(cfg, total_steps: int, frozen: bool = False, own: tuple = ()):
     """Returns ``(tx, schedule)`` for ``cfg.name`` in {adafactor, adamw}. ``frozen``: leave
-    parameters under ``frozen_*`` modules unchanged (no update, no decay, no state)."""
+    parameters under ``frozen_*`` modules unchanged (no update, no decay, no state).
+    ``own``: top-level params entries (e.g. an autoencoder's ``discriminator``) that get
+    an optimizer of their own (same settings, own state and own gradient clipping)."""
     tx, schedule = _make_optimizer(cfg, total_steps)
-    if frozen:
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, frozen_labels)
+    if frozen or own:
+        parts = {"train": tx, "frozen": optax.set_to_zero(),
+                 **{k: _make_optimizer(cfg, total_steps)[0] for k in own}}
+        tx = optax.multi_transform(parts, lambda p: param_labels(p, tuple(own)))
     return tx, schedule
 
 

@@ -30,7 +30,8 @@ from jaxdit.convert.common import is_diffusers_vae, read_diffusers_dir
 from jaxdit.convert.vae import kl_vae_config_from_diffusers, kl_vae_from_diffusers
 from jaxdit.models.dvae import fine_downsample
 from jaxdit.models.vae import downsample_factor, widen_latent
-from jaxdit.train.checkpoint import Checkpointer, load_params
+from jaxdit.train.adversarial import LPIPS_KEY, autoencoder_params
+from jaxdit.train.checkpoint import Checkpointer, CheckpointError, load_params
 
 
 def configure_from_vae(config) -> None:
@@ -123,10 +124,11 @@ def load_stage1_vae(exp, state):
     stage1_cfg = saved_config(cfg.d2it.vae_workdir)
     stage1_cfg.dvae = cfg.dvae  # its threshold is resolved already
     previous, step = restore_earlier_run(exp, stage1_cfg, cfg.d2it.vae_workdir)
-    scale = latent_scale(unscaled_encoder(exp, previous.ema_params), cfg, cfg.d2it.scale_images)
+    weights = autoencoder_params(previous.ema_params)  # without a discriminator / LPIPS
+    scale = latent_scale(unscaled_encoder(exp, weights), cfg, cfg.d2it.scale_images)
     print(f"D2iT: DVAE from {cfg.d2it.vae_workdir} (step {step}); latent std {1 / scale:.4f} "
           f"over {cfg.d2it.scale_images} images -> latent scale {scale:.4f}", flush=True)
-    return with_frozen_vae(state, previous.ema_params, scale)
+    return with_frozen_vae(state, weights, scale)
 
 
 def load_latent_vae(exp, state):
@@ -139,7 +141,7 @@ def load_latent_vae(exp, state):
         weights, origin = diffusers_vae_weights(workdir, state.params["frozen_vae"]), "diffusers"
     else:
         previous, step = restore_earlier_run(exp, saved_config(workdir), workdir)
-        weights, origin = previous.ema_params, f"step {step}"
+        weights, origin = autoencoder_params(previous.ema_params), f"step {step}"
     scale = float(cfg.latent.scale)
     if scale <= 0:
         if cfg.data.source == "cached":
@@ -173,11 +175,36 @@ def load_widened_vae(exp, state):
         raise ConfigError(f"vae.widen_from={cfg.vae.widen_from}: its vae {fields} must equal "
                           "this run's; only z_channels may grow.")
     previous, step = restore_earlier_run(exp, source, cfg.vae.widen_from)
-    wide = widen_latent(jax.device_get(previous.ema_params), cfg.vae.z_channels)
-    params = place_like(state.params, wide)
+    wide = widen_latent(jax.device_get(autoencoder_params(previous.ema_params)),
+                        cfg.vae.z_channels)
+    # This run's own critics (a discriminator, LPIPS) keep their fresh initialisation.
+    params = {**state.params, **place_like(autoencoder_params(state.params), wide)}
     print(f"Progressive VAE: {source.vae.z_channels} -> {cfg.vae.z_channels} latent channels "
           f"from {cfg.vae.widen_from} (step {step})", flush=True)
     return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+
+
+def load_lpips_weights(state, folder: str):
+    """``state`` with the LPIPS weights of ``folder`` (``tools/convert_lpips.py``'s output)
+    under ``frozen_lpips`` (params and EMA); ``"random"`` keeps the random init (tests)."""
+    if folder == "random":
+        print("LPIPS: random VGG16 and heads (vae.lpips_weights='random'): a test setting, "
+              "not a perceptual distance.", flush=True)
+        return state
+    if not folder:
+        raise ConfigError("vae.lpips_weight > 0 needs vae.lpips_weights: a folder written by "
+                          "`python tools/convert_lpips.py --vgg16 <torchvision vgg16 .pth> "
+                          "--out <folder>` (or vae.lpips_weight=0 to train without LPIPS).")
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                            state.params[LPIPS_KEY])
+    try:
+        loaded = load_params(folder, {"lpips": abstract})["lpips"]
+    except CheckpointError as e:
+        raise ConfigError(f"vae.lpips_weights={folder}: {e}") from None
+    print(f"LPIPS: VGG16 + v0.1 heads from {folder}", flush=True)
+    return state.replace(params={**state.params, LPIPS_KEY: loaded},
+                         ema_params={**state.ema_params,
+                                     LPIPS_KEY: jax.tree.map(jnp.copy, loaded)})
 
 
 def saved_config(workdir: str):

@@ -75,11 +75,12 @@ def diffusion_branch(model, variables, x0, cond, rng, cfg, shift: float):
     return flow.per_sample_loss(pred, x0, noise, cond.get("patch_mask")), t, noise, out
 
 
-def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
+def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg, step=0):
     """Flow-matching loss over ``batch`` plus the model's regularisers.
 
     Returns ``(loss, (metrics, new_model_state))``; ``new_model_state`` holds the updated
-    running statistics (e.g. MoE thresholds). With ``diffusion.multires_pool`` a second
+    running statistics (e.g. MoE thresholds). ``step`` (the optimizer step) switches the
+    autoencoders' discriminator on at ``vae.disc_start``. With ``diffusion.multires_pool`` a second
     branch (own t and noise, same captions, same shift, as Lumina's fine-tuning) adds the
     loss on average-pooled latents; its MoE regularisers are not added.
     """
@@ -88,7 +89,8 @@ def loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg):
         return draft_loss_fn(params, model_state, batch, rng, model=model,
                              autoencoder=autoencoder, cfg=cfg, cond=condition_from_batch(batch))
     if objective == "autoencoder":
-        return autoencoder_loss_fn(params, model_state, batch, rng, model=model, cfg=cfg)
+        return autoencoder_loss_fn(params, model_state, batch, rng, model=model, cfg=cfg,
+                                   step=step)
     if objective == "d2it":
         return d2it_loss_fn(params, model_state, batch, rng, model=model, cfg=cfg)
     x0 = autoencoder.bind(params).encode(batch["image"])
@@ -136,7 +138,7 @@ def train_step(state: TrainState, batch, *, model, autoencoder, tx, schedule, cf
     """One optimizer step over ``batch`` (global arrays, leading dim = global batch)."""
     rng, step_rng = jax.random.split(state.rng)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    kw = dict(model=model, autoencoder=autoencoder, cfg=cfg)
+    kw = dict(model=model, autoencoder=autoencoder, cfg=cfg, step=state.step)
     num_micro = int(cfg.optim.grad_accum)
     if num_micro <= 1:
         (loss, (aux, model_state)), grads = grad_fn(state.params, state.model_state, batch,

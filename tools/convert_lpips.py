@@ -23,6 +23,7 @@ from jaxdit.convert.common import ConversionError
 from jaxdit.convert.lpips import lpips_from_torch
 from jaxdit.models.lpips import LPIPS
 from jaxdit.train.checkpoint import save_params
+from jaxdit.train.state import ABSTRACT_KEY, strip_boxes
 
 flags.DEFINE_string("vgg16", None, "torchvision VGG16 state dict (.pth).")
 flags.DEFINE_string("heads", "", "lpips v0.1 heads (.pth); default: the installed package's.")
@@ -42,10 +43,8 @@ def installed_heads() -> str:
 
 def expected_params():
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-    abstract = jax.eval_shape(lambda k: LPIPS().init(k, x, x), jax.ShapeDtypeStruct(
-        (2,), jnp.uint32))
-    return jax.tree.map(lambda b: b.value if hasattr(b, "value") else b, abstract["params"],
-                        is_leaf=lambda b: hasattr(b, "value"))
+    abstract = jax.eval_shape(lambda k, a: LPIPS().init(k, a, a), ABSTRACT_KEY, x)
+    return strip_boxes(abstract["params"])
 
 
 def main(argv):
@@ -55,6 +54,9 @@ def main(argv):
     if os.path.exists(FLAGS.out):
         raise SystemExit(f"--out {FLAGS.out} exists: give a new folder (nothing is written over).")
     heads_path = FLAGS.heads or installed_heads()
+    for path in (FLAGS.vgg16, heads_path):
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"convert_lpips: no file {path}.")
     vgg = torch.load(FLAGS.vgg16, map_location="cpu", weights_only=True)
     heads = torch.load(heads_path, map_location="cpu", weights_only=True) if heads_path else vgg
     try:

@@ -19,8 +19,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdit.models.vae import CONV_AXES  # replicated, like the autoencoders' convs
+
 Dtype = Any
-AXES = (None, None, "conv_in", "conv_out")  # replicated, like the autoencoders' convs
 
 
 class BatchStatNorm(nn.Module):
@@ -45,7 +46,7 @@ class BatchStatNorm(nn.Module):
 def patch_conv(features: int, stride: int, bias: bool, name: str, dtype) -> nn.Conv:
     return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
                    use_bias=bias, dtype=dtype, name=name,
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), AXES),
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), CONV_AXES),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
 
 

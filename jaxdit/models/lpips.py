@@ -17,6 +17,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxdit.models.vae import CONV_AXES  # replicated, like the autoencoders' convs
+
 Dtype = Any
 # VGG16 ``features``: channels of each 3x3 conv; "M" = 2x2 max pool. torchvision indexes
 # the convs 0, 2, 5, ... (a ReLU after each, pools at 4, 9, 16, 23).
@@ -26,7 +28,6 @@ TAPS = (1, 3, 6, 9, 12)  # conv numbers (0-based, pools not counted) after which
 TAP_CHANNELS = (64, 128, 256, 512, 512)
 SHIFT = (-0.030, -0.088, -0.188)  # the lpips package's ScalingLayer
 SCALE = (0.458, 0.448, 0.450)
-AXES = (None, None, "conv_in", "conv_out")  # replicated, like the autoencoders' convs
 
 
 def vgg16_conv_indices() -> list[int]:
@@ -66,7 +67,7 @@ class VGG16Features(nn.Module):
                 continue
             x = nn.relu(nn.Conv(item, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                                 kernel_init=nn.with_logical_partitioning(
-                                    nn.initializers.lecun_normal(), AXES),
+                                    nn.initializers.lecun_normal(), CONV_AXES),
                                 bias_init=nn.with_logical_partitioning(
                                     nn.initializers.zeros, ("conv_out",)),
                                 name=f"conv{n}")(x))

@@ -46,7 +46,8 @@ class BatchStatNorm(nn.Module):
 def patch_conv(features: int, stride: int, bias: bool, name: str, dtype) -> nn.Conv:
     return nn.Conv(features, (4, 4), strides=(stride, stride), padding=((1, 1), (1, 1)),
                    use_bias=bias, dtype=dtype, name=name,
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), CONV_AXES),
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                            CONV_AXES),
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)))
 
 

@@ -27,13 +27,14 @@ def reconstruction_terms(out, images):
 
 def reconstruction_loss_fn(params, images, vae_cfg):
     """``recon -> (scalar, metrics)``: ``l1_weight * L1 + l2_weight * MSE`` (+
-    ``lpips_weight * LPIPS`` with the frozen ``frozen_lpips`` weights)."""
+    ``lpips_weight * LPIPS`` with the frozen ``frozen_lpips`` weights); metrics
+    ``recon_l1``, ``recon_mse`` (+ ``lpips``)."""
     lpips_params = (jax.lax.stop_gradient(params[LPIPS_KEY]) if uses_lpips(vae_cfg) else None)
 
     def rec_loss(recon):
         diff = recon.astype(jnp.float32) - images.astype(jnp.float32)
-        loss = vae_cfg.l1_weight * jnp.abs(diff).mean() + vae_cfg.l2_weight * jnp.square(diff).mean()
-        metrics = {}
+        metrics = {"recon_l1": jnp.abs(diff).mean(), "recon_mse": jnp.square(diff).mean()}
+        loss = vae_cfg.l1_weight * metrics["recon_l1"] + vae_cfg.l2_weight * metrics["recon_mse"]
         if lpips_params is not None:
             metrics["lpips"] = LPIPS().apply({"params": lpips_params}, images, recon).mean()
             loss = loss + vae_cfg.lpips_weight * metrics["lpips"]
@@ -47,26 +48,23 @@ def autoencoder_loss_fn(params, model_state, batch, rng, *, model, cfg, step):
     of :func:`jaxdit.train.adversarial.adversarial_terms` (from step ``vae.disc_start``)."""
     v, images = cfg.vae, batch["image"]
     vae_params = autoencoder_params(params)
+    rec_fn = reconstruction_loss_fn(params, images, v)
 
     def apply(p):
         return model.apply({"params": p, **model_state}, images, sample=True,
                            rngs={"sample": rng})
-    if uses_discriminator(v):
+    if uses_discriminator(v):  # the adversarial weight needs d(rec loss)/d(recon)
         recon, out, last_layer_vjp = reconstruct_with_last_layer(apply, vae_params)
+        loss, rec_vjp, metrics = jax.vjp(rec_fn, recon, has_aux=True)
+        adv, adv_metrics = adversarial_terms(params, images, recon,
+                                             rec_vjp(jnp.ones((), jnp.float32))[0],
+                                             last_layer_vjp, step, v)
+        loss, metrics = loss + adv, {**metrics, **adv_metrics}
     else:
         out = apply(vae_params)
-        recon = out["recon"]
-    rec, rec_vjp, rec_metrics = jax.vjp(reconstruction_loss_fn(params, images, v), recon,
-                                        has_aux=True)
-    terms = reconstruction_terms(out, images)
-    loss = rec + v.kl_weight * terms["kl"]
-    metrics = {**{f"recon_{k}": x for k, x in terms.items()}, **rec_metrics}
-    if uses_discriminator(v):
-        d_rec = rec_vjp(jnp.ones((), jnp.float32))[0]
-        adv, adv_metrics = adversarial_terms(params, images, recon, d_rec, last_layer_vjp,
-                                             step, v)
-        loss = loss + adv
-        metrics.update(adv_metrics)
+        loss, metrics = rec_fn(out["recon"])
+    metrics["recon_kl"] = out["kl"].mean()
+    loss = loss + v.kl_weight * metrics["recon_kl"]
     if "grain" in out:
         metrics["fine_ratio"] = out["grain"].mean()
     return loss, (metrics, model_state)

@@ -123,8 +123,9 @@ def test_image_folder_source(tmp_path):
 
 
 def test_unreadable_images_and_captions_are_skipped_or_refused(tmp_path, capsys):
-    """One corrupt image and one caption that is not UTF-8 among 5: left out with one
-    warning naming them (the run goes on), or, under ``data.strict``, refused in one line."""
+    """One corrupt image, one truncated one (its header reads) and one caption that is not
+    UTF-8 among 6: left out with one warning naming them (the run goes on), or, under
+    ``data.strict``, refused in one line."""
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(tmp_path / f"{i}.png")
@@ -132,12 +133,15 @@ def test_unreadable_images_and_captions_are_skipped_or_refused(tmp_path, capsys)
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(tmp_path / "latin1.png")
     (tmp_path / "latin1.txt").write_bytes("un caf\xe9 rouge".encode("latin-1"))
+    whole = (tmp_path / "0.png").read_bytes()  # a header that reads, pixels that do not
+    (tmp_path / "truncated.png").write_bytes(whole[:len(whole) // 2])
     src = ImageFolderSource(str(tmp_path), 16)
     assert len(src) == 3 and all(src[i]["caption"].startswith("a red circle") for i in range(3))
     out = capsys.readouterr().out
-    assert ("skipping 2 of 5 images under" in out and "broken.png (not an image" in out
-            and "latin1.png (caption latin1.txt is not UTF-8)" in out)
-    with pytest.raises(ConfigError, match=r"2 of 5 images under .* cannot be read: .*"
+    assert ("skipping 3 of 6 images under" in out and "broken.png (not an image" in out
+            and "latin1.png (caption latin1.txt is not UTF-8)" in out
+            and "truncated.png (does not decode" in out)
+    with pytest.raises(ConfigError, match=r"3 of 6 images under .* cannot be read: .*"
                        r"data.strict=False to skip them"):
         ImageFolderSource(str(tmp_path), 16, strict=True)
 

@@ -47,16 +47,23 @@ def fit_image(img: np.ndarray, size: int, buckets=None) -> np.ndarray:
 
 
 _WARNED: set[str] = set()  # roots whose skipped files were reported (once per process)
+_CHECKED: dict[tuple, list[Path]] = {}  # (root, strict, files) -> the readable ones
+_ANNOUNCE_CHECK = 2_000  # folders this large say that their images are being checked
 
 
 def unreadable(path: Path) -> str:
     """Why the image at ``path`` or its ``.txt`` caption cannot be read ("" if both can):
-    the image's header is identified (no pixels decoded) and the caption must be UTF-8."""
+    the image is decoded whole (a truncated file fails here, not mid-run) and the caption
+    must be UTF-8."""
     try:
-        with Image.open(path):
-            pass
+        im = Image.open(path)
     except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
         return f"not an image: {type(e).__name__}"
+    try:
+        with im:
+            im.load()
+    except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad data
+        return f"does not decode: {str(e)[:60] or type(e).__name__}"
     txt = path.with_suffix(".txt")
     if txt.exists():
         try:
@@ -88,9 +95,20 @@ class ImageFolderSource:
         self.class_index = {c: i for i, c in enumerate(classes)}
 
     def _readable(self, files: list[Path], strict: bool) -> list[Path]:
-        """``files`` whose image header and caption can be read; the others are left out
-        with one warning naming the first few (``strict``: refused instead)."""
+        """``files`` whose image decodes and caption reads; the others are left out with
+        one warning naming the first few (``strict``: refused instead)."""
+        key = (self.root, strict, tuple(files))
+        if key in _CHECKED:  # the same folder opened again in this process (train, val)
+            return _CHECKED[key]
+        if len(files) >= _ANNOUNCE_CHECK:
+            print(f"Checking that the {len(files):,} images under {self.root!r} decode ...",
+                  flush=True)
         bad = [(p, why) for p in files if (why := unreadable(p))]
+        _CHECKED[key] = self._report(files, bad, strict)
+        return _CHECKED[key]
+
+    def _report(self, files: list[Path], bad: list[tuple[Path, str]], strict: bool):
+        """``files`` without ``bad``, reported in one warning (``strict``: refused)."""
         if not bad:
             return files
         names = ", ".join(f"{p.relative_to(self.root)} ({why})" for p, why in bad[:3])
@@ -109,6 +127,14 @@ class ImageFolderSource:
 
     def __len__(self):
         return len(self.files)
+
+    def captions(self, limit: int) -> list[str]:
+        """The captions of the first ``limit`` images ("" where an image has none)."""
+        out = []
+        for f in self.files[:limit]:
+            txt = Path(f).with_suffix(".txt")
+            out.append(txt.read_text(encoding="utf-8").strip() if txt.exists() else "")
+        return out
 
     def __repr__(self):
         return f"ImageFolderSource(root={self.root!r}, n={len(self.files)}, size={self.image_size})"
@@ -149,18 +175,29 @@ class TfdsSource:
     def __len__(self):
         return len(self.source)
 
+    def captions(self, limit: int) -> list[str]:
+        """The captions of the first ``limit`` examples: the caption feature's, else the
+        label names (each once), else none."""
+        if self.caption_key:
+            return [self._caption(self.source[i], 0) for i in range(min(limit, len(self)))]
+        if self.label_names:
+            return [self._caption({}, i) for i in range(len(self.label_names))]
+        return []
+
+    def _caption(self, example: dict, label: int) -> str:
+        if self.caption_key:
+            cap = example[self.caption_key]
+            return cap.decode() if isinstance(cap, bytes) else str(cap)
+        if self.label_names:
+            return str(self.label_names[label]).replace("_", " ")
+        return ""
+
     def __repr__(self):
         return f"TfdsSource(name={self.name!r}, split={self.split!r}, size={self.image_size})"
 
     def __getitem__(self, index: int) -> dict:
         ex = self.source[index]
         label = int(ex[self.label_key]) if self.label_key else 0
-        if self.caption_key:
-            cap = ex[self.caption_key]
-            caption = cap.decode() if isinstance(cap, bytes) else str(cap)
-        elif self.label_names:
-            caption = str(self.label_names[label]).replace("_", " ")
-        else:
-            caption = ""
+        caption = self._caption(ex, label)
         return {"image": fit_image(np.asarray(ex[self.image_key]), self.image_size, self.buckets),
                 "caption": caption, "label": np.int32(label)}

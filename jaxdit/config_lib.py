@@ -68,6 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
         topk_method="radix", expert_impl="auto"))
     c.text = ml_collections.ConfigDict(dict(
         kind="trainable", vocab_size=0, max_len=16, width=128, depth=2, num_heads=4,
+        # The trainable encoder's words (space separated): "" = the shapes grammar, or on a
+        # folder / TFDS source the vocab_max_words most frequent words of its training
+        # captions, recorded here when the run starts.
+        vocab="", vocab_max_words=10_000,
         # text.kind="pretrained": a local encoder folder (or "minilm"), which hidden states
         # to use (0 = embeddings, -1 = last; several are concatenated and projected) and the
         # projection width (0 = the encoder's width).

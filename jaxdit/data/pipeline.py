@@ -66,13 +66,15 @@ def make_source(data_cfg, split: str, sizes=None):
 
 def make_tokenizer(config):
     """The pretrained encoder's own tokenizer (``text.kind='pretrained'``), else a
-    :class:`WordTokenizer` over the shapes grammar, the configured system prompts and
-    ``data.extra_vocab`` (space separated words)."""
+    :class:`WordTokenizer` over ``text.vocab`` (built from the training captions of a
+    folder / TFDS source: :mod:`jaxdit.data.vocabulary`; the shapes grammar when empty),
+    the configured system prompts and ``data.extra_vocab`` (space separated words)."""
     if config.text.kind == "pretrained":
         return HFTokenizer(str(text_encoder_dir(config.text.path) / "tokenizer.json"))
     data_cfg = config.data
     words = prompts.prompt_words(data_cfg.system_prompt, data_cfg.sample_system_prompt)
-    return WordTokenizer(list(shapes.VOCAB) + words + data_cfg.extra_vocab.split())
+    base = config.text.vocab.split() if config.text.vocab else list(shapes.VOCAB)
+    return WordTokenizer(base + words + data_cfg.extra_vocab.split())
 
 
 class Preprocess(grain.transforms.Map):

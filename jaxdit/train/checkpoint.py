@@ -71,8 +71,18 @@ def config_differences(saved: ml_collections.ConfigDict, config) -> list[str]:
             a, b = old.get(key), new.get(key)
             if (list(a) if isinstance(a, (list, tuple)) else a) != (
                     list(b) if isinstance(b, (list, tuple)) else b):
-                out.append(f"{section}.{key} {a!r} in the checkpoint, {b!r} in the config")
+                out.append(f"{section}.{key} {_brief(a)} in the checkpoint, {_brief(b)} in "
+                           "the config")
     return out
+
+
+def _brief(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to about ``limit`` characters (e.g. a long ``text.vocab``)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    words = f", {len(value.split()):,} words" if isinstance(value, str) else ""
+    return f"{text[:limit - 5]}...{text[-1]} ({len(text):,} characters{words})"
 
 
 class Checkpointer:

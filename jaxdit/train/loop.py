@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from jaxdit.data import prompts, shapes
 from jaxdit.data.cache import CachedSource, cached_example, configure_from_cache
 from jaxdit.data.grains import resolve_threshold
 from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
+from jaxdit.data.vocabulary import needs_vocabulary, resolve_vocabulary
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
 from jaxdit.models.registry import AUTOENCODER_FAMILIES, build_model, persistent_variables
@@ -88,6 +90,7 @@ class Experiment:
         if config.latent.kind == "kl_vae":
             configure_latent_vae(config)
         validate_config(config, self.mesh)
+        resolve_vocabulary(config, log=print if jax.process_index() == 0 else lambda _: None)
         self.tokenizer = make_tokenizer(config)
         if config.text.kind == "trainable":
             config.text.vocab_size = self.tokenizer.vocab_size
@@ -387,6 +390,21 @@ def compile_first_step(step_fn, state, batch, cfg):
     return state, metrics
 
 
+def inherit_vocabulary(config, workdir: str) -> None:
+    """A rerun in ``workdir`` keeps the word vocabulary its run was started with (recorded
+    in its ``config.json``), even when the captions have changed since."""
+    path = os.path.join(workdir, "config.json")
+    if not (needs_vocabulary(config) and os.path.isfile(path)):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f).get("text", {}).get("vocab", "")
+    except (OSError, ValueError):
+        return  # an unreadable config.json: the checkpoint's own config decides on restore
+    if vocab:
+        config.text.vocab = vocab
+
+
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
@@ -394,6 +412,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     ``already_finished`` when the workdir's checkpoint had reached ``train.steps``).
     Raises :class:`TrainingDiverged` when the run stops or ends non-finite.
     """
+    inherit_vocabulary(config, workdir)
     exp = Experiment(config, devices)  # checks the config before anything is written
     os.makedirs(workdir, exist_ok=True)
     # The lock before anything in the workdir is read or written; the SIGTERM guard for the

@@ -64,19 +64,18 @@ def coverage_line(tokenizer: WordTokenizer, train: Sequence[str], val: Sequence[
 
 
 def resolve_vocabulary(config, log=print) -> None:
-    """Fills ``config.text.vocab`` from the training captions when :func:`needs_vocabulary`,
-    then ``log``-s :func:`coverage_line` (for any trainable encoder on a captioned source,
-    so a given or inherited vocabulary is measured on this data too)."""
-    if config.text.kind != "trainable" or config.data.source not in CAPTIONED_SOURCES:
+    """When :func:`needs_vocabulary`: fills ``config.text.vocab`` from the training captions
+    and ``log``-s :func:`coverage_line`. A config that has its vocabulary (a trained run's,
+    for sampling) reads no data, so its folder may be gone."""
+    if not needs_vocabulary(config):
         return
     train = make_source(config.data, "train").captions(MAX_CAPTIONS)
-    if needs_vocabulary(config):
-        words = build_vocabulary(train, int(config.text.vocab_max_words))
-        if not words:
-            log(f"Warning: the {config.data.source} source's training captions have no "
-                "words: the text encoder sees only <bos>. Add captions (.txt files beside "
-                "the images, or data.tfds_caption_key) or train class-conditional "
-                "(text.kind=none).")
-        config.text.vocab = " ".join(words) or "<unk>"  # no words: the specials only
+    words = build_vocabulary(train, int(config.text.vocab_max_words))
+    if not words:
+        log(f"Warning: the {config.data.source} source's training captions have no "
+            "words: the text encoder sees only <bos>. Add captions (.txt files beside "
+            "the images, or data.tfds_caption_key) or train class-conditional "
+            "(text.kind=none).")
+    config.text.vocab = " ".join(words) or "<unk>"  # no words: the specials only
     val = make_source(config.data, "val").captions(MAX_CAPTIONS)
     log(coverage_line(make_tokenizer(config), train, val))

@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices (set before JAX is imported) and parsed absl flags
 (Grain reads absl flags; under pytest nobody parses them)."""
+import atexit
 import os
+import shutil
 import tempfile
 
 # LLVM optimisation level 0: the tests' programs are tiny, so compiling dominates; this
@@ -16,9 +18,17 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()
 jax.config.update("jax_threefry_partitionable", True)
-# Compiled programs are cached for the session (a fresh directory each run): tests that
-# build the same model and shapes again (e.g. a second data source) skip the compile.
-jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="jaxdit_xla_cache_"))
+# Compiled programs are cached for the session (a fresh directory each run, shared through
+# the environment by the xdist workers and every subprocess a test starts): tests that build
+# the same model and shapes again (a second data source, a resumed CLI run, the second
+# process pair of the multi-host test) skip the compile.
+_OWN_CACHE = "JAXDIT_TEST_XLA_CACHE" not in os.environ  # the pytest controller makes it
+os.environ.setdefault("JAXDIT_TEST_XLA_CACHE", tempfile.mkdtemp(prefix="jaxdit_xla_cache_"))
+if _OWN_CACHE:
+    atexit.register(shutil.rmtree, os.environ["JAXDIT_TEST_XLA_CACHE"], ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["JAXDIT_TEST_XLA_CACHE"]
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

@@ -472,3 +472,16 @@ def vae_config(arg: str | None):
             raise ValueError(f"Unknown field {k!r}; valid: {sorted(config.vae.keys())}.")
         config.vae[k] = v
     return config
+
+
+def is_resolved(config) -> bool:
+    """Whether ``config`` came out of :func:`jaxdit.train.resolve.resolve_config` (frozen)."""
+    return isinstance(config, ml_collections.FrozenConfigDict)
+
+
+def editable(config) -> ml_collections.ConfigDict:
+    """A mutable deep copy of ``config`` (frozen or not), e.g. to derive a variant of a
+    resolved run's config; a variant to train is resolved again."""
+    if is_resolved(config):
+        return ml_collections.ConfigDict(config)  # the tuples that were lists are lists
+    return config.copy_and_resolve_references()

@@ -62,6 +62,7 @@ def test_training_and_sampling_from_the_cache(caches, tmp_path):
     cfg = tiny_config()
     cfg.data.update(source="cached", cache_dir=str(train), val_cache_dir=str(val))
     exp = Experiment(cfg)
+    cfg = exp.config  # resolved: the cache fixed the text settings
     assert cfg.text.kind == "precomputed" and cfg.text.width == 768
     batch = next(iter(make_dataset(cfg, "train", 8)))
     assert batch["text_tokens"].shape == (8, 12, 768) and "text_ids" not in batch

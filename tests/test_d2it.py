@@ -230,7 +230,8 @@ def test_both_stages_train_and_sample_grain_map_then_content(tmp_path, source):
     stage2.d2it.vae_workdir = str(tmp_path / "dvae")
     stage2.dvae.threshold = -1.0  # taken from stage 1
     out2 = train_and_evaluate(stage2, str(tmp_path / "d2it"), one)
-    assert stage2.dvae.threshold == stage1.dvae.threshold
+    with open(tmp_path / "d2it" / "config.json", encoding="utf-8") as f:
+        assert json.load(f)["dvae"]["threshold"] == stage1.dvae.threshold  # resolved
     for key in ("content_loss", "grain_ce", "fine_loss", "coarse_loss", "val/loss",
                 "val/grain_ce"):
         assert np.isfinite(out2[key]), key

@@ -162,7 +162,7 @@ def test_cached_kl_vae_latents_keep_their_scale(vae4, tmp_path):
     with exp.context():
         state = exp.create_state()
     assert float(state.params["frozen_latent_scale"]) == pytest.approx(meta["scale"])
-    assert (train.latent.channels, train.latent.downsample) == (4, 2)
+    assert (exp.config.latent.channels, exp.config.latent.downsample) == (4, 2)
 
 
 def _bucket_latent_config(vae_dir):
@@ -210,8 +210,9 @@ def test_aspect_buckets_in_latent_space_from_a_packed_cache(vae4, tmp_path):
     train.mesh = {"data": 1}
     train.data.update(source="cached", cache_dir=path)
     exp = Experiment(train, ONE)
-    assert train.data.aspect_buckets and train.latent.kind == "kl_vae"
-    it = iter(make_dataset(train, "train", 8))
+    resolved = exp.config  # the packed cache turned the aspect buckets on
+    assert resolved.data.aspect_buckets and resolved.latent.kind == "kl_vae"
+    it = iter(make_dataset(resolved, "train", 8))
     with exp.context():
         state = exp.create_state()
         first = next(it)
@@ -272,6 +273,7 @@ def test_diffusers_autoencoder_kl_is_a_frozen_latent_space(tmp_path, layout):
     np.testing.assert_allclose(apply("decode", z), recon, atol=2e-4, rtol=1e-3)
     cfg = _latent_config(str(folder))
     exp = Experiment(cfg, ONE)
+    cfg = exp.config  # resolved: the folder's VAE fixed the latent settings
     assert (cfg.latent.scale, cfg.latent.shift, cfg.latent.channels,
             cfg.latent.downsample) == (0.25, shift, 4, 2)
     with exp.context():

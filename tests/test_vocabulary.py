@@ -73,11 +73,15 @@ def test_run_keeps_its_vocabulary_when_the_captions_change(tmp_path):
     cfg = _config(train_dir)
     cfg.train.steps = 3
     out = train_and_evaluate(cfg, wd, devices=jax.devices()[:1])
-    assert out["checkpoint_step"] == 3 and cfg.text.vocab == vocab
+    with open(f"{wd}/config.json", encoding="utf-8") as f:
+        rerun_vocab = json.load(f)["text"]["vocab"]
+    assert out["checkpoint_step"] == 3 and rerun_vocab == vocab
+    assert cfg.text.vocab == ""  # resolved on a copy: the caller's config is as it was
     for f in (tmp_path / "train").iterdir():  # sampling needs the run, not its data
         f.unlink()
     exp, _, step = load_experiment(wd)
     assert step == 3 and exp.config.text.vocab == vocab
+    cfg.text.vocab = vocab
     assert exp.tokenizer.vocab == make_tokenizer(cfg).vocab
 
 

@@ -56,12 +56,12 @@ def draw_samples(exp: Experiment, state, num: int, batch: int, seed: int):
         names = [shapes.class_name(i) for i in wanted]
     else:
         wanted = names = validation_captions(cfg, num)
-    cfg.sampler.num_samples = batch
     images = []
     for lo in range(0, len(wanted), batch):
         chunk = wanted[lo:lo + batch]
         padded = chunk + [chunk[-1]] * (batch - len(chunk))  # one compiled batch size
-        _, cond = sample_condition(exp, **{"labels" if class_cond else "captions": padded})
+        _, cond = sample_condition(exp, n=batch,
+                                   **{"labels" if class_cond else "captions": padded})
         out = exp.sample_fn(state_variables(state), {k: jnp.asarray(v) for k, v in cond.items()},
                             jax.random.PRNGKey(seed + lo))
         # D2iT grids put the grain map right of each sample: score the image only

@@ -99,9 +99,8 @@ def main(argv):
     wanted = FLAGS.label if class_cond else FLAGS.prompt
     with exp.context():
         repeated = [w for w in wanted for _ in range(FLAGS.num_per_prompt)]
-        config.sampler.num_samples = len(repeated)
-        captions, cond = (sample_condition(exp, labels=repeated) if class_cond
-                          else sample_condition(exp, captions=repeated))
+        captions, cond = (sample_condition(exp, labels=repeated, n=len(repeated)) if class_cond
+                          else sample_condition(exp, captions=repeated, n=len(repeated)))
         sample_fn = run_or_fail(sample_fn_for_size, (), exp, config, FLAGS.height, FLAGS.width)
         images = sample_fn(state_variables(state, ema=FLAGS.ema),
                            {k: jnp.asarray(v) for k, v in cond.items()},

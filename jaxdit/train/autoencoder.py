@@ -12,10 +12,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxdit.errors import ConfigError
 from jaxdit.models.lpips import LPIPS
-from jaxdit.train.adversarial import (LPIPS_KEY, adversarial_terms, autoencoder_params,
-                                      reconstruct_with_last_layer, uses_discriminator,
-                                      uses_lpips)
+from jaxdit.train.adversarial import (DISC_LOSSES, LPIPS_KEY, adversarial_terms,
+                                      autoencoder_params, reconstruct_with_last_layer,
+                                      uses_discriminator, uses_lpips)
 from jaxdit.train.d2it import grain_image
 
 
@@ -112,3 +113,29 @@ def make_reconstruction_fn(model):
             parts.append(grain_image(out["grain"], images.shape[1]))
         return jnp.concatenate(parts, axis=2)
     return jax.jit(recon)
+
+
+def check_autoencoder_losses(v, image_size: int) -> None:
+    """The perceptual and adversarial settings of ``config.vae``."""
+    if v.lpips_weight < 0 or v.disc_weight < 0:
+        raise ConfigError(f"vae.lpips_weight={v.lpips_weight} and vae.disc_weight="
+                          f"{v.disc_weight} must be >= 0 (0 turns the term off).")
+    if v.lpips_weight > 0 and image_size < 16:
+        raise ConfigError(f"LPIPS needs images of at least 16 pixels, data.image_size="
+                          f"{image_size}.")
+    if v.disc_weight > 0:
+        if v.disc_loss not in DISC_LOSSES:
+            raise ConfigError(f"Unknown vae.disc_loss {v.disc_loss!r}; available: {DISC_LOSSES}.")
+        if v.disc_weight_max <= 0 or v.disc_start < 0 or v.disc_layers < 1 or v.disc_ndf < 1:
+            raise ConfigError("vae.disc_weight_max must be > 0, vae.disc_start >= 0, "
+                              "vae.disc_layers and vae.disc_ndf >= 1.")
+        patches = image_size // 2 ** v.disc_layers - 2  # (4x4 convs, padding 1)
+        if patches < 1:
+            raise ConfigError(f"data.image_size={image_size} is too small for a "
+                              f"{v.disc_layers}-layer discriminator: it needs at least "
+                              f"{3 * 2 ** v.disc_layers} pixels; lower vae.disc_layers.")
+
+
+def check_autoencoder_config(config) -> None:
+    """The autoencoder objective's loss settings (raises :class:`ConfigError`)."""
+    check_autoencoder_losses(config.vae, config.data.image_size)

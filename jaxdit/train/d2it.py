@@ -14,6 +14,7 @@ from jaxdit.diffusion import flow
 from jaxdit.diffusion.multigrain import (dynamic_grain_loss, grain_cross_entropy,
                                          masked_grain_tokens, sample_grain_map)
 from jaxdit.diffusion.samplers import cfg_model, sample
+from jaxdit.errors import ConfigError
 from jaxdit.models.dvae import fine_downsample, multigrain_noise
 from jaxdit.models.registry import drop_condition
 
@@ -122,3 +123,15 @@ def make_d2it_sample_fn(model, config, image_size: int):
 
     return jax.jit(sample_fn)
 
+
+def check_d2it_config(config) -> None:
+    """D2iT's sampler, grain steps and latent size (raises :class:`ConfigError`)."""
+    if config.sampler.sde:
+        raise ConfigError("D2iT samples with an ODE sampler (fresh SDE noise would break "
+                          "the multi-grained structure): set sampler.sde=False.")
+    if config.d2it.grain_steps < 1:
+        raise ConfigError(f"d2it.grain_steps must be >= 1, got {config.d2it.grain_steps}.")
+    fine = fine_downsample(config.vae.ch_mult)
+    if config.latent.downsample != fine:
+        raise ConfigError(f"latent.downsample={config.latent.downsample} must be the DVAE's "
+                          f"fine downsampling {fine}.")

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdit.data.shapes import COLORS
+from jaxdit.errors import ConfigError
 from jaxdit.diffusion.samplers import time_grid
 
 REWARDS = ("color",)
@@ -76,3 +77,16 @@ def draft_loss_fn(params, model_state, batch, rng, *, model, autoencoder, cfg, c
     reward = color_reward(images, batch["label"], float(d.reward_area), float(d.reward_width))
     loss = -reward.mean()
     return loss, ({"reward": reward.mean(), "draft_loss": loss}, model_state)
+
+
+def check_draft_config(config) -> None:
+    """``config.draft``'s reward and step counts (raises :class:`ConfigError`)."""
+    d = config.draft
+    if d.reward not in REWARDS:
+        raise ConfigError(f"Unknown draft.reward {d.reward!r}; available: {REWARDS}.")
+    if d.reward == "color" and config.data.source != "shapes":
+        raise ConfigError("draft.reward='color' reads the target colour from the shapes "
+                          "data's labels: set data.source='shapes'.")
+    if not 0 <= d.grad_steps <= d.num_steps:
+        raise ConfigError(f"draft.grad_steps={d.grad_steps} must be in [0, "
+                          f"draft.num_steps={d.num_steps}].")

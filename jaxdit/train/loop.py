@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -23,19 +22,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit.data import prompts, shapes
-from jaxdit.data.cache import CachedSource, cached_example, configure_from_cache
-from jaxdit.data.grains import resolve_threshold
+from jaxdit.data.cache import CachedSource, cached_example
 from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
-from jaxdit.data.vocabulary import needs_vocabulary, resolve_vocabulary
 from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
 from jaxdit.eval.validation import make_val_loss_fn
 from jaxdit.models.registry import AUTOENCODER_FAMILIES, build_model, persistent_variables
 from jaxdit.convert.text import load_pretrained_text, with_pretrained_text
-from jaxdit.models.pretrained_text import pretrained_text_width
 from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_sharding, make_mesh
 from jaxdit.train.checkpoint import Checkpointer
-from jaxdit.train.checks import validate_config
 from jaxdit.train.health import (ParamNormMonitor, SkipMonitor, TrainingDiverged,
                                  nonfinite_paths, report)
 from jaxdit.train.metrics import MetricWriter, Progress
@@ -44,9 +39,9 @@ from jaxdit.train.adversarial import (DISC_KEY, LPIPS_KEY, init_critics, uses_di
 from jaxdit.train.autoencoder import make_autoencoder_val_fn, make_reconstruction_fn
 from jaxdit.train.d2it import make_d2it_sample_fn, make_d2it_val_fn
 from jaxdit.train.optimizers import make_optimizer
-from jaxdit.train.stages import (configure_from_vae, configure_latent_vae, init_params,
-                                  load_latent_vae, load_lpips_weights, load_stage1_vae,
-                                  load_widened_vae)
+from jaxdit.train.resolve import resolve_config
+from jaxdit.train.stages import (init_params, load_latent_vae, load_lpips_weights,
+                                 load_stage1_vae, load_widened_vae)
 from jaxdit.train.state import (abstract_state, count_params, create_train_state,
                                  state_shardings)
 from jaxdit.train.step import train_step
@@ -82,25 +77,13 @@ def example_inputs(config, batch: int = 1):
 class Experiment:
     """Everything built from a config: mesh, model, optimizer, jitted step and samplers."""
 
-    def __init__(self, config, devices=None):
-        self.config = config
+    def __init__(self, config, devices=None, workdir: str | None = None):
+        """``config``: a user's config (resolved here, see :mod:`jaxdit.train.resolve`;
+        ``workdir`` keeps a rerun's vocabulary) or an already resolved one."""
         self.mesh = make_mesh(dict(config.mesh), devices)
-        if config.data.source == "cached":  # text/latent settings come from the cache
-            configure_from_cache(config)
-        if config.latent.kind == "kl_vae":
-            configure_latent_vae(config)
-        validate_config(config, self.mesh)
-        resolve_vocabulary(config, log=print if jax.process_index() == 0 else lambda _: None)
+        self.config = config = resolve_config(config, self.mesh, workdir)
         self.tokenizer = make_tokenizer(config)
-        if config.text.kind == "trainable":
-            config.text.vocab_size = self.tokenizer.vocab_size
-        if config.text.kind == "pretrained":
-            config.text.width = pretrained_text_width(config.text)
         family = config.model.family
-        if family == "d2it" and config.d2it.vae_workdir:
-            configure_from_vae(config)
-        if family in ("dvae", "d2it"):
-            resolve_threshold(config)
         self.model = build_model(config, self.tokenizer.null_id)
         # Autoencoder families are the model; D2iT holds its DVAE inside (frozen_vae).
         own_vae = family in AUTOENCODER_FAMILIES or family == "d2it"
@@ -246,11 +229,12 @@ def label_names(config, labels) -> list[str]:
     return [f"class {int(i)}" for i in labels]
 
 
-def sample_condition(exp: Experiment, captions=None, labels=None):
-    """``(names, cond)`` to sample: captions (text models; default the first validation
-    captions) or class labels (class-conditional models; default 0, 1, 2, ...)."""
+def sample_condition(exp: Experiment, captions=None, labels=None, n: int | None = None):
+    """``(names, cond)`` to sample: captions (text models; default the first ``n``
+    validation captions) or class labels (class-conditional models; default 0, 1, 2, ...);
+    ``n`` defaults to ``sampler.num_samples``."""
     cfg = exp.config
-    n = cfg.sampler.num_samples
+    n = cfg.sampler.num_samples if n is None else n
     if cfg.train.objective == "autoencoder":  # reconstructions of validation images
         captions, images = validation_images(cfg, n)
         return captions, {"image": images}
@@ -390,21 +374,6 @@ def compile_first_step(step_fn, state, batch, cfg):
     return state, metrics
 
 
-def inherit_vocabulary(config, workdir: str) -> None:
-    """A rerun in ``workdir`` keeps the word vocabulary its run was started with (recorded
-    in its ``config.json``), even when the captions have changed since."""
-    path = os.path.join(workdir, "config.json")
-    if not (needs_vocabulary(config) and os.path.isfile(path)):
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            vocab = json.load(f).get("text", {}).get("vocab", "")
-    except (OSError, ValueError):
-        return  # an unreadable config.json: the checkpoint's own config decides on restore
-    if vocab:
-        config.text.vocab = vocab
-
-
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     """Trains ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
@@ -412,8 +381,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     ``already_finished`` when the workdir's checkpoint had reached ``train.steps``).
     Raises :class:`TrainingDiverged` when the run stops or ends non-finite.
     """
-    inherit_vocabulary(config, workdir)
-    exp = Experiment(config, devices)  # checks the config before anything is written
+    exp = Experiment(config, devices, workdir)  # resolves and checks it; nothing written yet
     os.makedirs(workdir, exist_ok=True)
     # The lock before anything in the workdir is read or written; the SIGTERM guard for the
     # whole run, so a notice during the final save lets it finish instead of killing it.

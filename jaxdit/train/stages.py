@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdit.config_lib import autoencoder_sections, base_config
+from jaxdit.config_lib import autoencoder_sections, base_config, editable
 from jaxdit.data.pipeline import make_dataset, make_source
 from jaxdit.errors import ConfigError
 from jaxdit.convert.common import is_diffusers_vae, read_diffusers_dir
@@ -88,7 +88,7 @@ def latent_scale(encode, config, num_images: int) -> float:
     training images of ``config.data``, as the pipeline feeds them (whole square images,
     also when training packs aspect buckets)."""
     n = max(1, min(int(num_images), len(make_source(config.data, "train"))))
-    square = config.copy_and_resolve_references()
+    square = editable(config)
     square.data.aspect_buckets = False
     images = next(iter(make_dataset(square, "train", n, repeat=False)))["image"]
     return 1.0 / max(float(jnp.std(encode(jnp.asarray(images)))), 1e-6)
@@ -122,7 +122,7 @@ def load_stage1_vae(exp, state):
     scale set to 1 / std of the latents of ``d2it.scale_images`` training images."""
     cfg = exp.config
     stage1_cfg = saved_config(cfg.d2it.vae_workdir)
-    stage1_cfg.dvae = cfg.dvae  # its threshold is resolved already
+    stage1_cfg.dvae = editable(cfg.dvae)  # its threshold is resolved already
     previous, step = restore_earlier_run(exp, stage1_cfg, cfg.d2it.vae_workdir)
     weights = autoencoder_params(previous.ema_params)  # without a discriminator / LPIPS
     scale = latent_scale(unscaled_encoder(exp, weights), cfg, cfg.d2it.scale_images)

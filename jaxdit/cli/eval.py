@@ -75,7 +75,7 @@ def sample_metrics(exp: Experiment, state, num: int, batch: int, seed: int,
     (:func:`jaxdit.eval.fid.load_inception`), the FID of ``num`` samples against ``num``
     validation images. {} for autoencoders or ``num <= 0``."""
     cfg = exp.config
-    if num <= 0 or cfg.train.objective == "autoencoder":
+    if num <= 0 or exp.objective.reconstructs:
         return {}
     if cfg.data.source != "shapes" and inception is None:
         return {}

@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from jaxdit.diffusion.samplers import SAMPLERS
-from jaxdit.eval.sampling import default_grid_path, make_sample_fn, save_grid, write_captions
+from jaxdit.eval.sampling import default_grid_path, save_grid, write_captions
 from jaxdit.cli.common import reject_stray, run_app, run_or_fail
 from jaxdit.cli.errors import INPUT_ERRORS
 from jaxdit.train.load import load_experiment
@@ -55,14 +55,14 @@ def sample_fn_for_size(exp, config, height: int | None, width: int | None):
     h, w = height or size, width or size
     if (h, w) == (size, size):
         return exp.sample_fn
-    if config.train.objective in ("autoencoder", "d2it"):
+    if not exp.objective.any_size:
         raise app.UsageError(f"{config.model.family} samples only at its training size "
                              f"{size}x{size} (learned positions / fixed grain grid).")
     unit = config.model.patch_size * config.latent.downsample
     if h % unit or w % unit or h <= 0 or w <= 0:
         raise app.UsageError(f"--height/--width must be positive multiples of model.patch_size "
                              f"x latent.downsample = {unit}, got {h}x{w}.")
-    return make_sample_fn(exp.model, exp.autoencoder, config, (h, w, 3))
+    return exp.objective.sampler(exp.model, exp.autoencoder, config, (h, w, 3))
 
 
 def check_request(config) -> None:

@@ -5,7 +5,7 @@
 1. Router: ``Linear(d -> d) -> GELU`` trunk, then a gating head ``Linear(d -> E)`` giving the
    logits and (per-layer regularisation, PLR) a target head ``Linear(d -> p*p*C)`` whose
    prediction of the diffusion target is sown into the ``deep_pred`` collection; the loss
-   compares it with the patchified target (:mod:`jaxdit.train.step`).
+   compares it with the patchified target (:mod:`jaxdit.train.flow_objective`).
 2. Gating (identity / softmax / sigmoid) then routing (:mod:`jaxdit.moe.routing`). Expert
    Race keeps the top ``B*L*k`` of all ``B*L*E`` scores across the (sharded) batch.
 3. Experts as a grouped matmul over the selected pairs (:mod:`jaxdit.moe.experts`),

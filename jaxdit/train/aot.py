@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.experimental import topologies
 
+from jaxdit.config_lib import editable
 from jaxdit.parallel.mesh import batch_sharding, mesh_axes, slice_axes
 from jaxdit.train.loop import Experiment
 
@@ -248,7 +249,7 @@ def depth_extrapolated_cost(cfg, devices) -> tuple[float, float]:
     d = int(cfg.model.refine_depth) + 1 if cfg.model.family == "d2it" else 1
     costs = []
     for n in (d, d + 1):
-        small = cfg.copy_and_resolve_references()
+        small = editable(cfg)
         small.model.update(depth=n, scan_layers=False)
         costs.append(_flops_and_seconds(lower_and_compile(small, devices)[0]))
     (f0, t0), (f1, t1) = costs
@@ -263,7 +264,7 @@ def compile_train_step(cfg, topology: str, *, batch: int | None = None,
     global ``batch`` (default ``train.batch_size``) and ``remat`` (default the config's),
     with cached-feature inputs (:func:`with_cached_inputs`). ``cfg`` is copied, not edited.
     A scanned step's cost estimates come from :func:`depth_extrapolated_cost`."""
-    cfg = with_cached_inputs(cfg.copy_and_resolve_references())
+    cfg = with_cached_inputs(editable(cfg))
     chip, topo_name, chips = parse_topology(topology)
     devices = topology_devices(topo_name)
     with cfg.unlocked():

@@ -24,8 +24,7 @@ import numpy as np
 from jaxdit.data import prompts, shapes
 from jaxdit.data.cache import CachedSource, cached_example
 from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
-from jaxdit.eval.sampling import encode_captions, make_sample_fn, save_grid, write_captions
-from jaxdit.eval.validation import make_val_loss_fn
+from jaxdit.eval.sampling import encode_captions, save_grid, write_captions
 from jaxdit.models.registry import AUTOENCODER_FAMILIES, build_model, persistent_variables
 from jaxdit.convert.text import load_pretrained_text, with_pretrained_text
 from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
@@ -36,8 +35,7 @@ from jaxdit.train.health import (ParamNormMonitor, SkipMonitor, TrainingDiverged
 from jaxdit.train.metrics import MetricWriter, Progress
 from jaxdit.train.adversarial import (DISC_KEY, LPIPS_KEY, init_critics, uses_discriminator,
                                       uses_lpips)
-from jaxdit.train.autoencoder import make_autoencoder_val_fn, make_reconstruction_fn
-from jaxdit.train.d2it import make_d2it_sample_fn, make_d2it_val_fn
+from jaxdit.train.objectives import OBJECTIVES
 from jaxdit.train.optimizers import make_optimizer
 from jaxdit.train.resolve import resolve_config
 from jaxdit.train.stages import (init_params, load_latent_vae, load_lpips_weights,
@@ -152,25 +150,21 @@ class Experiment:
                 for k, v in host_batch.items()}
 
     @functools.cached_property
+    def objective(self):
+        """The :class:`~jaxdit.train.objectives.Objective` of ``train.objective``."""
+        return OBJECTIVES[self.config.train.objective]
+
+    @functools.cached_property
     def val_loss_fn(self):
         """Jitted ``(variables, batch, rng)`` -> losses over ``eval.t_grid`` (an array), or
         a dict of named scalars / an array under ``"loss"``."""
-        objective = self.config.train.objective
-        if objective == "autoencoder":
-            return make_autoencoder_val_fn(self.model)
-        if objective == "d2it":
-            return make_d2it_val_fn(self.model, self.config.eval.t_grid)
-        return make_val_loss_fn(self.model, self.autoencoder, self.config.eval.t_grid)
+        return self.objective.validation(self.model, self.autoencoder, self.config)
 
     @functools.cached_property
     def sample_fn(self):
-        s = self.config.data.image_size
-        objective = self.config.train.objective
-        if objective == "autoencoder":  # reconstructions of {"image"}
-            return make_reconstruction_fn(self.model)
-        if objective == "d2it":  # grain map, then content; image | grain map
-            return make_d2it_sample_fn(self.model, self.config, s)
-        return make_sample_fn(self.model, self.autoencoder, self.config, (s, s, 3))
+        """``(variables, cond, rng) -> images``: samples (or reconstructions of
+        ``{"image"}``; D2iT: image | grain map) at the training size."""
+        return self.objective.sampler(self.model, self.autoencoder, self.config)
 
     def context(self):
         """Mesh + logical-axis-rules context every jitted call runs under."""
@@ -235,7 +229,7 @@ def sample_condition(exp: Experiment, captions=None, labels=None, n: int | None 
     ``n`` defaults to ``sampler.num_samples``."""
     cfg = exp.config
     n = cfg.sampler.num_samples if n is None else n
-    if cfg.train.objective == "autoencoder":  # reconstructions of validation images
+    if exp.objective.reconstructs:  # reconstructions of validation images
         captions, images = validation_images(cfg, n)
         return captions, {"image": images}
     if cfg.text.kind == "none":

@@ -113,6 +113,8 @@ def objective_for(config) -> Objective:
     name, family = config.train.objective, config.model.family
     if name not in OBJECTIVES:
         raise ConfigError(f"Unknown train.objective {name!r}; available: {tuple(OBJECTIVES)}.")
+    if family not in FAMILIES:
+        raise ConfigError(f"Unknown model.family {family!r}; available: {FAMILIES}.")
     objective = OBJECTIVES[name]
     if family not in objective.families:
         fits = [n for n, o in OBJECTIVES.items() if family in o.families]

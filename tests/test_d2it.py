@@ -17,8 +17,8 @@ from jaxdit.diffusion.multigrain import (dynamic_grain_loss, masked_grain_tokens
                                          sample_grain_map)
 from jaxdit.models.d2it import MASK_TOKEN, param_counts
 from jaxdit.models.dvae import DVAE, multigrain_noise, neighbor_copy, region_entropy
-from jaxdit.models.registry import build_model
-from jaxdit.train.loop import example_inputs, train_and_evaluate
+from jaxdit.models.registry import build_model, example_inputs
+from jaxdit.train.loop import train_and_evaluate
 from jaxdit.train.state import strip_boxes
 from tests.helpers import tiny_config
 

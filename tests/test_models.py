@@ -1,4 +1,6 @@
 """Model shapes, zero-init identity, and parameter counts against DiT-Air Tables 1-3."""
+import importlib.util
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,8 @@ from jax.tree_util import keystr, tree_flatten_with_path
 
 from jaxdit import config_lib
 from jaxdit.models.attention import xla_attention
-from jaxdit.models.registry import build_denoiser, build_model
+from jaxdit.models.registry import (AUTOENCODER_FAMILIES, CLASS_FAMILIES, FAMILIES,
+                                    build_denoiser, build_model, example_inputs, family_of)
 from jaxdit.train.state import strip_boxes
 from tests.helpers import VARIANTS, fixed_batch, tiny_config
 
@@ -220,3 +223,39 @@ def test_auto_attention_backend_choice(monkeypatch):
     assert dispatch.auto_backend(f32, f32, f32) == "splash"
     assert dispatch.auto_backend(bf16(64), bf16(64), bf16(64), extras=True) == "xla"
     assert dispatch.auto_backend(big, big, big) == "xla"
+
+
+FAMILY_CONFIGS = {"dit_air": "dit_air.py:tiny", "pixart": "pixart.py:tiny",
+                  "mmdit": "mmdit.py:tiny", "race_dit": "race_dit.py:tiny-4in16",
+                  "lumina": "lumina.py:tiny", "d2it": "d2it.py:tiny",
+                  "kl_vae": "vae.py:tiny-4ch", "dvae": "d2it.py:dvae-tiny"}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CONFIGS))
+def test_each_family_descriptor_builds_its_model_from_its_own_inputs(name):
+    """The descriptor is the family's one entry point: its experiment config names it, its
+    fields include every field that config sets to a non-default, and ``build_model`` +
+    its ``example_inputs`` initialise the model (abstractly); the tables derived from the
+    descriptors agree with the family's conditioning and role."""
+    assert set(FAMILY_CONFIGS) == set(FAMILIES)
+    path, arg = FAMILY_CONFIGS[name].split(":")
+    spec = importlib.util.spec_from_file_location("experiment", f"experiments/{path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config(arg)
+    family = family_of(cfg)
+    assert family is FAMILIES[name]
+    if name in ("dvae", "d2it"):
+        cfg.dvae.threshold = 0.5  # resolved from the data by resolve_config
+    if cfg.text.kind == "trainable":
+        cfg.text.vocab_size = 32  # likewise from the tokenizer
+    assert (cfg.text.kind == "none") == (name in CLASS_FAMILIES)
+    assert (family.role == "autoencoder") == (name in AUTOENCODER_FAMILIES)
+    assert cfg.latent.kind in family.latent_kinds
+    model = build_model(cfg)
+    with nn.logical_axis_rules(()):
+        shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                                   *example_inputs(cfg, 2)))
+    assert jax.tree.leaves(shapes["params"])
+    with pytest.raises(ValueError, match="Unknown model.family 'unet'"):
+        family_of("unet")

@@ -10,11 +10,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxdit import config_lib
 from jaxdit.models.race_dit import param_counts
-from jaxdit.models.registry import build_model, moe_spec
+from jaxdit.models.registry import build_model, example_inputs
 from jaxdit.moe import experts, losses, routing, topk
-from jaxdit.models.moe_mlp import MoEMlp, MoESpec
+from jaxdit.models.moe_mlp import MoEMlp, MoESpec, moe_spec
 from jaxdit.parallel.mesh import LOGICAL_RULES, make_mesh
-from jaxdit.train.loop import example_inputs
 from jaxdit.train.state import strip_boxes
 
 MESHES = [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "expert": 2}]

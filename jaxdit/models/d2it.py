@@ -45,7 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit.models.base import Denoiser
-from jaxdit.models.dvae import DVAE, fine_mask, upsample2
+from jaxdit.models.dvae import DVAE, check_region, fine_mask, upsample2
+from jaxdit.models.dvae import build as build_dvae
+from jaxdit.models.family import Family, denoiser_example_inputs, dtypes, transformer_kwargs
 from jaxdit.models.layers import (ConditionEmbedder, FinalLayer, PatchEmbed, dense, patchify,
                                   sincos_2d)
 from jaxdit.models.race_dit import DiTBlock
@@ -54,7 +56,7 @@ from jaxdit.models.vae import latent_scale_param
 
 Dtype = Any
 MASK_TOKEN = 2  # grain-map tokens: 0 coarse, 1 fine, 2 masked
-# config.model fields this family reads beyond registry.COMMON_FIELDS.
+# config.model fields this family reads beyond family.COMMON_FIELDS.
 CONFIG_FIELDS = ("num_classes", "refine_depth")
 
 
@@ -197,3 +199,33 @@ def param_counts(params) -> dict[str, int]:
            "vae": count(params["frozen_vae"])}
     out["total"] = out["denoiser"] + out["grain_model"]
     return out
+
+
+def build(config) -> D2iT:
+    """Frozen DVAE + grain transformer + content transformer from ``config.model``,
+    ``config.d2it`` and the DVAE's ``config.vae`` / ``config.dvae``."""
+    m, d = config.model, config.d2it
+    if m.num_classes < 1:
+        raise ValueError("model.family='d2it' is class-conditional: set model.num_classes.")
+    if config.latent.channels != config.vae.z_channels:
+        raise ValueError(f"latent.channels={config.latent.channels} must equal the DVAE's "
+                         f"vae.z_channels={config.vae.z_channels}.")
+    content = DynamicContentTransformer(num_classes=m.num_classes, refine_depth=m.refine_depth,
+                                        **transformer_kwargs(m, config.latent.channels))
+    grain = GrainTransformer(depth=d.grain_depth, width=d.grain_width, num_heads=d.grain_heads,
+                             num_classes=m.num_classes, attn_impl=m.attn_impl,
+                             scan_layers=m.scan_layers, **dtypes(m))
+    return D2iT(build_dvae(config), grain, content)
+
+
+def example_inputs(config, batch: int = 1) -> tuple:
+    """``(x (B, s, s, z), t (B,), {"label" (B,), "grain" (B, s/2, s/2)})`` zeros."""
+    x, t, cond = denoiser_example_inputs(config, batch)
+    s = x.shape[1]
+    return x, t, {**cond, "grain": jnp.zeros((batch, s // 2, s // 2), jnp.int32)}
+
+
+FAMILY = Family("d2it", build, example_inputs, own_fields=CONFIG_FIELDS, role="composite",
+                class_conditional=True, sections=("d2it", "dvae"), latent_kinds=("dvae",),
+                frozen_parts=True, check=check_region)
+

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdit.models.attention import SelfAttention
+from jaxdit.models.family import Family, denoiser_example_inputs, transformer_kwargs
 from jaxdit.models.base import Block, Denoiser
 from jaxdit.models.layers import (AdaLNModulation, LayerNorm, Mlp, RMSNorm, grid_positions,
                                   modulate, rope_tables)
@@ -34,7 +35,7 @@ from jaxdit.models.stack import apply_stack
 
 Dtype = Any
 SHARE_MODES = ("none", "full", "attention")
-# config.model fields this family reads beyond registry.COMMON_FIELDS.
+# config.model fields this family reads beyond family.COMMON_FIELDS.
 CONFIG_FIELDS = ("share", "adaln_layer_offset", "text_hidden_ratio")
 
 
@@ -159,3 +160,14 @@ class DiTAir(Denoiser):
                           in_axes=(None, 0), scan=self.scan_layers, remat=self.remat,
                           shared=self.share == "full", **fields)
         return self.predict(seq[:, num_text:], cvec, x.shape)
+
+
+def build(model_cfg, out_channels: int, moe_cfg=None) -> DiTAir:
+    """DiT-Air from ``config.model`` (``moe_cfg`` unused: dense MLPs)."""
+    del moe_cfg
+    m = model_cfg
+    return DiTAir(share=m.share, adaln_layer_offset=m.adaln_layer_offset,
+                  text_hidden_ratio=m.text_hidden_ratio, **transformer_kwargs(m, out_channels))
+
+
+FAMILY = Family("dit_air", build, denoiser_example_inputs, own_fields=CONFIG_FIELDS)

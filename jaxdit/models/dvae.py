@@ -33,8 +33,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdit.models.vae import (ConvDecoder, ConvEncoder, MomentsHead, downsample_factor,
-                               gaussian_kl)
+from jaxdit.errors import ConfigError
+from jaxdit.models.family import Family, image_example_inputs
+from jaxdit.models.vae import (ConvDecoder, ConvEncoder, MomentsHead, autoencoder_kwargs,
+                               downsample_factor, gaussian_kl)
 
 Dtype = Any
 GRAY = (0.2989, 0.5870, 0.1140)
@@ -172,3 +174,28 @@ class DVAE(nn.Module):
             z = mean
         return {"recon": self.decode(z), "mean": mean, "logvar": logvar,
                 "kl": gaussian_kl(mean, logvar), "grain": grain}
+
+
+def build(config) -> DVAE:
+    """The DVAE of ``config.vae`` / ``config.dvae`` (its grain threshold resolved from the
+    data first: :func:`jaxdit.data.grains.resolve_threshold`)."""
+    d = config.dvae
+    if d.threshold < 0:
+        raise ValueError("dvae.threshold is unset (negative): resolve it from the data "
+                         "first (jaxdit.data.grains.resolve_threshold).")
+    return DVAE(threshold=float(d.threshold), bins=int(d.bins), sigma=float(d.sigma),
+                **autoencoder_kwargs(config))
+
+
+def check_region(config) -> None:
+    """``data.image_size`` must hold whole grain-map regions."""
+    region = region_size(config.vae.ch_mult)
+    if config.data.image_size % region:
+        raise ConfigError(f"data.image_size={config.data.image_size} must be a multiple of "
+                          f"the DVAE region size {region} (2**(len(vae.ch_mult)-1)).")
+
+
+FAMILY = Family("dvae", build, image_example_inputs, role="autoencoder",
+                class_conditional=True, sections=("dvae",), latent_kinds=("identity",),
+                check=check_region)
+

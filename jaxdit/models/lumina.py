@@ -44,13 +44,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdit.models.attention import SelfAttention
+from jaxdit.models.family import Family, denoiser_example_inputs, transformer_kwargs
 from jaxdit.models.base import Block, Denoiser
 from jaxdit.models.layers import (AdaLNModulation, FinalLayer, RMSNorm, SwiGLU,
                                   TimestepEmbedder, dense, grid_positions, patchify,
                                   rope_tables, unpatchify)
 from jaxdit.models.stack import apply_stack
 
-# config.model fields this family reads beyond registry.COMMON_FIELDS.
+# config.model fields this family reads beyond family.COMMON_FIELDS.
 CONFIG_FIELDS = ("num_kv_heads", "axes_dims", "num_refiner_layers", "ffn_multiple_of",
                  "text_hidden_ratio")
 
@@ -192,3 +193,18 @@ class Lumina(Denoiser):
         if x.ndim == 3:
             return out
         return unpatchify(out, p, x.shape[1], x.shape[2], c)
+
+
+def build(model_cfg, out_channels: int, moe_cfg=None) -> Lumina:
+    """Lumina's Unified Next-DiT from ``config.model``, checked (:meth:`Lumina.check`)."""
+    del moe_cfg
+    m = model_cfg
+    model = Lumina(num_kv_heads=m.num_kv_heads, axes_dims=tuple(m.axes_dims),
+                   num_refiner_layers=m.num_refiner_layers, ffn_multiple_of=m.ffn_multiple_of,
+                   text_hidden_ratio=m.text_hidden_ratio, **transformer_kwargs(m, out_channels))
+    model.check()
+    return model
+
+
+FAMILY = Family("lumina", build, denoiser_example_inputs, own_fields=CONFIG_FIELDS,
+                packed_patches=True)

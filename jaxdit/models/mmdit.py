@@ -23,12 +23,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdit.models.attention import OutProjection, QKVProjection, attention
+from jaxdit.models.family import Family, denoiser_example_inputs, transformer_kwargs
 from jaxdit.models.base import Block, Denoiser, check_layout
 from jaxdit.models.layers import AdaLNModulation, LayerNorm, Mlp, RMSNorm, modulate, sincos_2d
 from jaxdit.models.stack import apply_stack
 
 ADALN_MODES = ("per_layer", "shared")
-# config.model fields this family reads beyond registry.COMMON_FIELDS.
+# config.model fields this family reads beyond family.COMMON_FIELDS.
 CONFIG_FIELDS = ("adaln", "pos_embed_max_size", "layout", "text_hidden_ratio")
 
 
@@ -126,3 +127,14 @@ class MMDiT(Denoiser):
             self.param_dtype)
         top, left = (m - grid_h) // 2, (m - grid_w) // 2  # centre crop, as SD3
         return table[top:top + grid_h, left:left + grid_w].reshape(1, grid_h * grid_w, self.width)
+
+
+def build(model_cfg, out_channels: int, moe_cfg=None) -> MMDiT:
+    """MMDiT from ``config.model``."""
+    del moe_cfg
+    m = model_cfg
+    return MMDiT(adaln=m.adaln, pos_embed_max_size=m.pos_embed_max_size, layout=m.layout,
+                 text_hidden_ratio=m.text_hidden_ratio, **transformer_kwargs(m, out_channels))
+
+
+FAMILY = Family("mmdit", build, denoiser_example_inputs, own_fields=CONFIG_FIELDS)

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdit.models.layers import dense
-from jaxdit.moe import experts, losses, routing
+from jaxdit.moe import experts, losses, routing, topk
 from jaxdit.parallel.mesh import batch_mesh_axes
 
 Dtype = Any
@@ -75,6 +75,25 @@ class MoESpec:
     topk_method: str = "radix"
     expert_impl: str = "auto"
 
+
+
+def moe_spec(moe_cfg) -> MoESpec | None:
+    """:class:`MoESpec` from ``config.moe``, checked (None when ``num_experts == 0``: dense
+    MLPs)."""
+    if moe_cfg is None or not moe_cfg.num_experts:
+        return None
+    fields = {f.name for f in dataclasses.fields(MoESpec)}
+    spec = MoESpec(**{k: v for k, v in moe_cfg.items() if k in fields})
+    routing.check_strategy(spec.routing)
+    routing.check_gating(spec.gating)
+    if not 1 <= spec.k <= spec.num_experts:
+        raise ValueError(f"moe.k={spec.k} must be in [1, moe.num_experts={spec.num_experts}].")
+    experts.resolve_impl(spec.expert_impl)
+    topk.check_method(spec.topk_method)
+    topk.check_bits(spec.topk_bits)
+    if not 0.0 <= spec.threshold_decay < 1.0:
+        raise ValueError(f"moe.threshold_decay must be in [0, 1), got {spec.threshold_decay}.")
+    return spec
 
 class MoEMlp(nn.Module):
     """Mixture-of-experts MLP with the settings ``spec`` (see the module docstring), experts

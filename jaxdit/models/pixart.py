@@ -24,13 +24,14 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxdit.models.attention import CrossAttention, SelfAttention
+from jaxdit.models.family import Family, denoiser_example_inputs, transformer_kwargs
 from jaxdit.models.base import Block, Denoiser, check_layout
 from jaxdit.models.dit_air import SandwichResidual
 from jaxdit.models.stack import apply_stack
 from jaxdit.models.layers import (AdaLNModulation, LayerNorm, Mlp, TimestepEmbedder, dense,
                                   modulate, sincos_2d, zeros)
 
-# config.model fields this family reads beyond registry.COMMON_FIELDS.
+# config.model fields this family reads beyond family.COMMON_FIELDS.
 CONFIG_FIELDS = ("layout", "pos_base_size", "pos_interpolation", "size_conditioning",
                  "text_hidden_ratio")
 
@@ -135,3 +136,17 @@ class PixArtAlpha(Denoiser):
         p = self.patch_size
         out = TableFinalLayer(p * p * self.out_channels, name="final", **self.kw)(img, cvec)
         return self.tokens_to_latents(out, x.shape)
+
+
+def build(model_cfg, out_channels: int, moe_cfg=None) -> PixArtAlpha:
+    """PixArt-alpha from ``config.model``."""
+    del moe_cfg
+    m = model_cfg
+    return PixArtAlpha(layout=m.layout, pos_base_size=m.pos_base_size,
+                       pos_interpolation=m.pos_interpolation,
+                       size_conditioning=m.size_conditioning,
+                       text_hidden_ratio=m.text_hidden_ratio,
+                       **transformer_kwargs(m, out_channels))
+
+
+FAMILY = Family("pixart", build, denoiser_example_inputs, own_fields=CONFIG_FIELDS)

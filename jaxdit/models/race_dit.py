@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit.models.attention import SelfAttention
+from jaxdit.models.family import Family, denoiser_example_inputs, transformer_kwargs
 from jaxdit.models.base import Block, Denoiser
 from jaxdit.models.layers import (AdaLNModulation, ConditionEmbedder, LayerNorm, Mlp, modulate,
                                   sincos_2d)
 from jaxdit.models.stack import apply_stack
-from jaxdit.models.moe_mlp import MoEMlp, MoESpec
+from jaxdit.models.moe_mlp import MoEMlp, MoESpec, moe_spec
 
 
 class DiTBlock(Block):
@@ -77,7 +78,7 @@ class RaceDiT(Denoiser):
 
 
 EXPERT_PARAMS = ("w1", "b1", "w2", "b2")
-# config.model fields this family reads beyond registry.COMMON_FIELDS (and all of config.moe).
+# config.model fields this family reads beyond family.COMMON_FIELDS (and all of config.moe).
 CONFIG_FIELDS = ("num_classes",)
 
 
@@ -103,3 +104,16 @@ def param_counts(params, moe: MoESpec | None) -> dict[str, int]:
     return dict(total=out["total"], blocks=out["blocks"],
                 blocks_without_router=out["blocks"] - out["router"],
                 activated=out["blocks"] - out["experts"] + active)
+
+
+def build(model_cfg, out_channels: int, moe_cfg=None) -> RaceDiT:
+    """Race-DiT from ``config.model`` and ``config.moe`` (dense when ``moe.num_experts=0``)."""
+    m = model_cfg
+    if m.num_classes < 1:
+        raise ValueError("model.family='race_dit' is class-conditional: set model.num_classes.")
+    return RaceDiT(num_classes=m.num_classes, moe=moe_spec(moe_cfg),
+                   **transformer_kwargs(m, out_channels))
+
+
+FAMILY = Family("race_dit", build, denoiser_example_inputs, own_fields=CONFIG_FIELDS,
+                class_conditional=True, sections=("moe",))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdit.models.attention import attention
+from jaxdit.models.family import Family, dtypes, image_example_inputs
 
 Dtype = Any
 # Conv kernels are (kh, kw, in, out); the autoencoders are small next to the denoisers, so
@@ -372,3 +373,22 @@ def widen_latent(params, new_channels: int, rng=None, new_scale: float = 0.1):
     out["decoder"] = {**params["decoder"],
                       "conv_in": {**params["decoder"]["conv_in"], "kernel": dec_k}}
     return out
+
+
+def autoencoder_kwargs(config) -> dict:
+    """Keyword arguments of the KL-VAE and the DVAE from ``config.vae`` (dtypes from
+    ``config.model``)."""
+    v = config.vae
+    return dict(z_channels=v.z_channels, ch=v.ch, ch_mult=tuple(v.ch_mult),
+                num_res_blocks=v.num_res_blocks, attn=v.attn, **dtypes(config.model))
+
+
+def build(config) -> KLAutoencoder:
+    """The KL-VAE of ``config.vae`` (trained as ``model.family='kl_vae'``, or the frozen
+    latent VAE of ``latent.kind='kl_vae'``)."""
+    return KLAutoencoder(quant_conv=bool(config.vae.quant_conv), **autoencoder_kwargs(config))
+
+
+FAMILY = Family("kl_vae", build, image_example_inputs, role="autoencoder",
+                class_conditional=True, latent_kinds=("identity",))
+

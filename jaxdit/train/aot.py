@@ -26,6 +26,7 @@ import numpy as np
 from jax.experimental import topologies
 
 from jaxdit.config_lib import editable
+from jaxdit.models.registry import family_of
 from jaxdit.parallel.mesh import batch_sharding, mesh_axes, slice_axes
 from jaxdit.train.loop import Experiment
 
@@ -117,7 +118,7 @@ def with_cached_inputs(cfg, text_len: int | None = None):
     latent resolution) and cached text features (``text.kind=precomputed``) instead of
     encoding images and captions. D2iT and the autoencoders keep their image inputs (their
     encoder is part of what they train or route with). Edits ``cfg`` in place."""
-    if cfg.model.family in ("d2it", "dvae", "kl_vae"):
+    if family_of(cfg).role != "denoiser":
         return cfg
     size = cfg.data.image_size // max(cfg.latent.downsample, 1)
     cfg.latent.update(kind="identity", downsample=1)

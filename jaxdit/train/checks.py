@@ -7,8 +7,7 @@ from __future__ import annotations
 import jax
 
 from jaxdit.errors import ConfigError
-from jaxdit.models.dvae import region_size
-from jaxdit.models.registry import AUTOENCODER_FAMILIES
+from jaxdit.models.registry import FAMILIES, family_of
 from jaxdit.models.vae import LATENT_KINDS
 from jaxdit.parallel.mesh import batch_divisor
 from jaxdit.train.objectives import objective_for
@@ -17,18 +16,13 @@ from jaxdit.train.objectives import objective_for
 def validate_config(config, mesh) -> None:
     t = config.train
     objective = objective_for(config)  # known, and trains this family
-    family = config.model.family
+    family = family_of(config)
     kind = config.latent.kind
-    wanted = ("identity",) if family in AUTOENCODER_FAMILIES else (
-        ("dvae",) if family == "d2it" else ("identity", "kl_vae"))
-    if kind not in wanted:
-        raise ConfigError(f"latent.kind={kind!r} with model.family={family!r}: use one of "
-                          f"{wanted} (kinds: {LATENT_KINDS}).")
-    if family in ("dvae", "d2it"):
-        region = region_size(config.vae.ch_mult)
-        if config.data.image_size % region:
-            raise ConfigError(f"data.image_size={config.data.image_size} must be a multiple of "
-                              f"the DVAE region size {region} (2**(len(vae.ch_mult)-1)).")
+    if kind not in family.latent_kinds:
+        raise ConfigError(f"latent.kind={kind!r} with model.family={family.name!r}: use one of "
+                          f"{family.latent_kinds} (kinds: {LATENT_KINDS}).")
+    if family.check is not None:
+        family.check(config)
     objective.check(config)
     div = batch_divisor(mesh)
     if t.batch_size <= 0 or t.batch_size % div:
@@ -47,9 +41,10 @@ def validate_config(config, mesh) -> None:
                           f"model.patch_size * latent.downsample = "
                           f"{config.model.patch_size * config.latent.downsample}.")
     if config.data.aspect_buckets:
-        if config.model.family != "lumina":
-            raise ConfigError("data.aspect_buckets packs patches, which only model.family="
-                              f"'lumina' accepts (got {config.model.family!r}).")
+        if not family.packed_patches:
+            packs = [n for n, f in FAMILIES.items() if f.packed_patches]
+            raise ConfigError(f"data.aspect_buckets packs patches, which only model.family in "
+                              f"{packs} accepts (got {family.name!r}).")
         if config.latent.kind != "identity" and config.data.source != "cached":
             raise ConfigError("data.aspect_buckets with a latent autoencoder trains on packed "
                               "latents cached by `jaxdit cache` (run it with the "

@@ -25,7 +25,8 @@ from jaxdit.data import prompts, shapes
 from jaxdit.data.cache import CachedSource, cached_example
 from jaxdit.data.pipeline import make_dataset, make_source, make_tokenizer
 from jaxdit.eval.sampling import encode_captions, save_grid, write_captions
-from jaxdit.models.registry import AUTOENCODER_FAMILIES, build_model, persistent_variables
+from jaxdit.models.registry import (build_model, example_inputs, family_of,
+                                    persistent_variables)
 from jaxdit.convert.text import load_pretrained_text, with_pretrained_text
 from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_sharding, make_mesh
@@ -48,30 +49,6 @@ from jaxdit.train.workdir_lock import WorkdirLock
 log = logging.getLogger("jaxdit")
 
 
-def example_inputs(config, batch: int = 1):
-    """Zero inputs with the right shapes for ``model.init``."""
-    if config.model.family in AUTOENCODER_FAMILIES:
-        size = config.data.image_size
-        return jnp.zeros((batch, size, size, 3)), False  # (images, sample)
-    s, c = config.data.image_size // config.latent.downsample, config.latent.channels
-    x = jnp.zeros((batch, s, s, c))
-    t = jnp.zeros((batch,))
-    n = config.text.max_len
-    if config.model.family == "d2it":
-        cond = {"label": jnp.zeros((batch,), jnp.int32),
-                "grain": jnp.zeros((batch, s // 2, s // 2), jnp.int32)}
-    elif config.text.kind == "none":
-        cond = {"label": jnp.zeros((batch,), jnp.int32)}
-    elif config.text.kind in ("trainable", "pretrained"):
-        cond = {"text_ids": jnp.zeros((batch, n), jnp.int32),
-                "text_mask": jnp.ones((batch, n), bool)}
-    else:
-        cond = {"text_tokens": jnp.zeros((batch, n, config.text.width)),
-                "text_mask": jnp.ones((batch, n), bool),
-                "text_pooled": jnp.zeros((batch, config.text.pooled_width or config.text.width))}
-    return x, t, cond
-
-
 class Experiment:
     """Everything built from a config: mesh, model, optimizer, jitted step and samplers."""
 
@@ -81,10 +58,10 @@ class Experiment:
         self.mesh = make_mesh(dict(config.mesh), devices)
         self.config = config = resolve_config(config, self.mesh, workdir)
         self.tokenizer = make_tokenizer(config)
-        family = config.model.family
+        family = family_of(config)
         self.model = build_model(config, self.tokenizer.null_id)
         # Autoencoder families are the model; D2iT holds its DVAE inside (frozen_vae).
-        own_vae = family in AUTOENCODER_FAMILIES or family == "d2it"
+        own_vae = family.role != "denoiser"
         self.autoencoder = None if own_vae else make_autoencoder(config.latent, self.model)
         if config.data.source == "cached":
             self.autoencoder = PrecomputedLatents(self.autoencoder)
@@ -92,7 +69,7 @@ class Experiment:
             uses_discriminator(config.vae) or uses_lpips(config.vae))
         self.tx, self.schedule = make_optimizer(
             config.optim, config.train.steps,
-            frozen=(config.text.kind == "pretrained" or family == "d2it"
+            frozen=(config.text.kind == "pretrained" or family.frozen_parts
                     or config.latent.kind == "kl_vae" or critics),
             own=(DISC_KEY,) if critics and uses_discriminator(config.vae) else ())
         inputs = example_inputs(config)

@@ -20,18 +20,14 @@ from typing import Callable
 from jaxdit.errors import ConfigError
 from jaxdit.eval.sampling import make_sample_fn
 from jaxdit.eval.validation import make_val_loss_fn
-from jaxdit.models.registry import AUTOENCODER_FAMILIES, FAMILIES, condition_from_batch
+from jaxdit.models.registry import (AUTOENCODER_FAMILIES, DENOISER_FAMILIES, condition_from_batch,
+                                    family_of)
 from jaxdit.train.autoencoder import (autoencoder_loss_fn, check_autoencoder_config,
                                       make_autoencoder_val_fn, make_reconstruction_fn)
 from jaxdit.train.d2it import (check_d2it_config, d2it_loss_fn, make_d2it_sample_fn,
                                make_d2it_val_fn)
 from jaxdit.train.draft import check_draft_config, draft_loss_fn
 from jaxdit.train.flow_objective import check_flow_config, flow_loss_fn
-
-# Families whose model is a generator of latents (everything but the autoencoders and D2iT,
-# which trains its own two generators).
-LATENT_GENERATORS = tuple(f for f in FAMILIES if f not in AUTOENCODER_FAMILIES and f != "d2it")
-
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
@@ -88,11 +84,11 @@ OBJECTIVES = {
     "flow": Objective(
         loss=_flow_loss,
         validation=lambda model, ae, cfg: make_val_loss_fn(model, ae, cfg.eval.t_grid),
-        sampler=_flow_sampler, check=check_flow_config, families=LATENT_GENERATORS),
+        sampler=_flow_sampler, check=check_flow_config, families=DENOISER_FAMILIES),
     "draft": Objective(
         loss=_draft_loss,
         validation=lambda model, ae, cfg: make_val_loss_fn(model, ae, cfg.eval.t_grid),
-        sampler=_flow_sampler, check=check_draft_config, families=LATENT_GENERATORS),
+        sampler=_flow_sampler, check=check_draft_config, families=DENOISER_FAMILIES),
     "autoencoder": Objective(
         loss=_autoencoder_loss,
         validation=lambda model, ae, cfg: make_autoencoder_val_fn(model),
@@ -113,8 +109,7 @@ def objective_for(config) -> Objective:
     name, family = config.train.objective, config.model.family
     if name not in OBJECTIVES:
         raise ConfigError(f"Unknown train.objective {name!r}; available: {tuple(OBJECTIVES)}.")
-    if family not in FAMILIES:
-        raise ConfigError(f"Unknown model.family {family!r}; available: {FAMILIES}.")
+    family_of(config)  # known
     objective = OBJECTIVES[name]
     if family not in objective.families:
         fits = [n for n, o in OBJECTIVES.items() if family in o.families]

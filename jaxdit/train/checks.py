@@ -43,8 +43,9 @@ def validate_config(config, mesh) -> None:
     if config.data.aspect_buckets:
         if not family.packed_patches:
             packs = [n for n, f in FAMILIES.items() if f.packed_patches]
-            raise ConfigError(f"data.aspect_buckets packs patches, which only model.family in "
-                              f"{packs} accepts (got {family.name!r}).")
+            raise ConfigError("data.aspect_buckets packs patches, which only "
+                              f"{' or '.join(f'model.family={n!r}' for n in packs)} accepts "
+                              f"(got {family.name!r}).")
         if config.latent.kind != "identity" and config.data.source != "cached":
             raise ConfigError("data.aspect_buckets with a latent autoencoder trains on packed "
                               "latents cached by `jaxdit cache` (run it with the "

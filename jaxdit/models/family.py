@@ -85,7 +85,8 @@ def transformer_kwargs(model_cfg, out_channels: int) -> dict:
     check_backend(m.attn_impl)
     remat_policy_name(m.remat)
     if m.width % m.num_heads:
-        raise ValueError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}.")
+        raise ValueError(f"model.width={m.width} is not divisible by "
+                         f"model.num_heads={m.num_heads}.")
     return dict(depth=m.depth, width=m.width, num_heads=m.num_heads, patch_size=m.patch_size,
                 out_channels=out_channels, mlp_ratio=m.mlp_ratio, qk_norm=m.qk_norm,
                 sandwich=m.sandwich, attn_impl=m.attn_impl, remat=m.remat,

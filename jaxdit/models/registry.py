@@ -77,7 +77,11 @@ def build_denoiser(model_cfg, out_channels: int, moe_cfg=None) -> nn.Module:
 def build_autoencoder(config, family: str | None = None) -> nn.Module:
     """The autoencoder of ``config.vae``: ``family`` kl_vae or dvae (default
     ``model.family``: the trained one; the frozen one of ``latent.kind='kl_vae'``)."""
-    return FAMILIES[family or config.model.family].build(config)
+    found = family_of(family or config)
+    if found.role != "autoencoder":
+        raise ValueError(f"model.family={found.name!r} is not an autoencoder; available: "
+                         f"{AUTOENCODER_FAMILIES}.")
+    return found.build(config)
 
 
 def example_inputs(config, batch: int = 1) -> tuple:
@@ -166,7 +170,7 @@ def build_model(config, null_token_id: int = 1) -> nn.Module:
     # jaxdit.train.stages.configure_latent_vae); paper configs without one count the
     # denoiser and text encoder only.
     if config.latent.kind == "kl_vae" and "vae" in config:
-        vae = FAMILIES["kl_vae"].build(config)
+        vae = build_autoencoder(config, "kl_vae")
         if (vae.z_channels, vae.downsample) != (config.latent.channels, config.latent.downsample):
             raise ValueError(f"latent.channels/downsample=({config.latent.channels}, "
                              f"{config.latent.downsample}) must be the VAE's "

@@ -106,10 +106,9 @@ OBJECTIVES = {
 def objective_for(config) -> Objective:
     """``config.train.objective``'s :class:`Objective`, after checking it trains
     ``config.model.family`` (raises :class:`ConfigError` naming both fields)."""
-    name, family = config.train.objective, config.model.family
+    name, family = config.train.objective, family_of(config).name  # a known family
     if name not in OBJECTIVES:
         raise ConfigError(f"Unknown train.objective {name!r}; available: {tuple(OBJECTIVES)}.")
-    family_of(config)  # known
     objective = OBJECTIVES[name]
     if family not in objective.families:
         fits = [n for n, o in OBJECTIVES.items() if family in o.families]

@@ -2,10 +2,10 @@
 
 ``train_step(state, batch) -> (state, metrics)`` (after ``functools.partial`` binds the
 static pieces): the objective's loss (:mod:`jaxdit.train.objectives`), gradient
-accumulation over micro-batches with ``lax.scan``, optimizer update, EMA of the parameters; a step with a
-non-finite loss, gradient norm or new state (params, EMA, optimizer, model state) changes
-nothing but the step count (``skipped`` = 1; ``skipped_update`` = 1 when only the update
-was non-finite). ``param_norm`` is logged for :class:`jaxdit.train.health.ParamNormMonitor`.
+accumulation over micro-batches with ``lax.scan``, optimizer update, EMA of the parameters;
+a step with a non-finite loss, gradient norm or new state (params, EMA, optimizer, model
+state) changes nothing but the step count (``skipped`` = 1; ``skipped_update`` = 1 when
+only the update was non-finite). ``param_norm`` is logged for :class:`jaxdit.train.health.ParamNormMonitor`.
 """
 from __future__ import annotations
 

@@ -11,12 +11,14 @@ config.json), resuming from DIR's latest checkpoint when it has one. Also
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
 from jaxdit.cli.common import load_config, reject_stray, run_app, run_or_fail
+from jaxdit.cli import supervise
 from jaxdit.cli.errors import TRAIN_ERRORS
 from jaxdit.parallel import distributed
 from jaxdit.train.loop import train_and_evaluate
@@ -29,6 +31,8 @@ flags.DEFINE_string("coordinator", None, "Multi-process: coordinator host:port "
                     "(not needed on TPU VMs; see jaxdit/parallel/distributed.py).")
 flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-process: this process's id.")
+flags.DEFINE_integer("peer_timeout", distributed.PEER_TIMEOUT_S, "Multi-process: seconds "
+                     "without a peer's heartbeats before the run stops, naming it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Errors a user's config, data or run causes: one line on stderr and exit code 1
@@ -36,7 +40,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     reject_stray(argv, __name__)
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    process_id = run_or_fail(multi_process_id, (ValueError,))
+    if process_id is not None and not supervise.is_child():
+        # A lost peer aborts this process from C++; a parent process names it instead.
+        sys.exit(supervise.supervise(sys.argv[1:], FLAGS.workdir, process_id))
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id,
+                           FLAGS.peer_timeout)
     jax.config.update("jax_threefry_partitionable", True)  # sharding-invariant random bits
     config = load_config(FLAGS)
     result = run_or_fail(train_and_evaluate, TRAIN_ERRORS, config, FLAGS.workdir)
@@ -45,6 +54,15 @@ def main(argv):
     if result.get("preempted") and "loss" not in result:
         return  # stopped before a step was logged; the loop said what was saved
     print(done_summary(result, FLAGS.workdir), flush=True)
+
+
+def multi_process_id() -> int | None:
+    """This process's id in a multi-process run (flags, environment or a multi-host TPU
+    slice), None for a single process."""
+    explicit = distributed.settings(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+    if explicit is not None:
+        return explicit[2] if explicit[1] > 1 else None
+    return distributed.tpu_pod_worker()
 
 
 def done_summary(result: dict, workdir: str) -> str:

@@ -10,6 +10,8 @@
 Call it before anything touches a device. Data is sharded per host by the input pipeline
 (each host reads ``process_index::process_count`` of the records and contributes its slice
 of the global batch); checkpoints are written by every host into one shared directory.
+A process silent for ``PEER_TIMEOUT_S`` (``jaxdit train --peer_timeout``) is declared lost
+and the others stop, naming it (:mod:`jaxdit.cli.supervise`).
 """
 from __future__ import annotations
 
@@ -26,31 +28,55 @@ def on_tpu_vm() -> bool:
                 or os.environ.get("CLOUD_TPU_TASK_ID"))
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> bool:
-    """Starts ``jax.distributed`` when several processes are configured; returns whether it
-    did. Explicit arguments win over the ``JAXDIT_*`` environment variables."""
+# Seconds without a peer's heartbeats before the coordination service declares it lost
+# (jax's default is 100); a lost coordinator is noticed at once.
+PEER_TIMEOUT_S = 60
+
+
+def settings(coordinator: str | None = None, num_processes: int | None = None,
+             process_id: int | None = None) -> tuple[str, int, int] | None:
+    """``(coordinator, num_processes, process_id)`` as configured explicitly (arguments win
+    over the ``JAXDIT_*`` environment variables), or None when nothing is (one process, or
+    a TPU VM, where JAX finds them itself). Touches no device."""
     coordinator = coordinator or os.environ.get(ENV[0])
     if num_processes is None and os.environ.get(ENV[1]):
         num_processes = int(os.environ[ENV[1]])
     if process_id is None and os.environ.get(ENV[2]):
         process_id = int(os.environ[ENV[2]])
     explicit = [coordinator, num_processes, process_id]
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise ValueError("Multi-process runs need all of coordinator (host:port), "
-                             "num_processes and process_id; got "
-                             f"{dict(zip(('coordinator', 'num_processes', 'process_id'), explicit))}.")
-        if not 0 <= process_id < num_processes:
-            raise ValueError(f"process_id={process_id} must be in [0, {num_processes}).")
+    if all(v is None for v in explicit):
+        return None
+    if any(v is None for v in explicit):
+        raise ValueError("Multi-process runs need all of coordinator (host:port), "
+                         "num_processes and process_id; got "
+                         f"{dict(zip(('coordinator', 'num_processes', 'process_id'), explicit))}.")
+    if not 0 <= process_id < num_processes:
+        raise ValueError(f"process_id={process_id} must be in [0, {num_processes}).")
+    return coordinator, num_processes, process_id
+
+
+def tpu_pod_worker() -> int | None:
+    """This host's worker id on a multi-host TPU VM slice, else None."""
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    return int(os.environ.get("TPU_WORKER_ID", "0")) if len(hosts) > 1 else None
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, peer_timeout_s: int = PEER_TIMEOUT_S) -> bool:
+    """Starts ``jax.distributed`` when several processes are configured (:func:`settings`)
+    or on a TPU VM; returns whether it did. A peer silent for ``peer_timeout_s`` is lost."""
+    explicit = settings(coordinator, num_processes, process_id)
+    if explicit is not None:
+        coordinator, num_processes, process_id = explicit
         if num_processes == 1:
             return False
         if "cpu" in (os.environ.get("JAX_PLATFORMS") or ""):
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator, num_processes=num_processes,
-                                   process_id=process_id)
+                                   process_id=process_id,
+                                   heartbeat_timeout_seconds=peer_timeout_s)
         return True
     if on_tpu_vm():
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=peer_timeout_s)
         return jax.process_count() > 1
     return False

@@ -112,3 +112,16 @@ def test_the_lost_process_is_read_from_the_services_report(tmp_path):
     message = supervise.peer_lost_message(unhealthy, 0, str(tmp_path))
     assert message.startswith("Lost process 1 of the run: process 0 stopped (exit 3)")
     assert "the last complete checkpoint is step 4" in message
+
+
+def test_bad_multi_process_flags_fail_in_one_line(tmp_path):
+    for flags, expected in ((["--peer_timeout=0"], "--peer_timeout must be at least 1"),
+                            ([], "need all of coordinator")):
+        out = subprocess.run(
+            [sys.executable, "-m", "jaxdit.train", "--config", "experiments/dit_air.py:tiny",
+             "--workdir", str(tmp_path / "wd"), "--num_processes", "2", *flags],
+            cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+            text=True, timeout=120)
+        assert out.returncode == 1 and expected in out.stderr, out.stderr[-2000:]
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "wd")

@@ -58,7 +58,9 @@ def main(argv):
 
 def multi_process_id() -> int | None:
     """This process's id in a multi-process run (flags, environment or a multi-host TPU
-    slice), None for a single process."""
+    slice), None for a single process. Raises ValueError for settings that cannot work."""
+    if FLAGS.peer_timeout < 1:
+        raise ValueError(f"--peer_timeout must be at least 1 second, got {FLAGS.peer_timeout}.")
     explicit = distributed.settings(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
     if explicit is not None:
         return explicit[2] if explicit[1] > 1 else None

@@ -33,16 +33,26 @@ def on_tpu_vm() -> bool:
 PEER_TIMEOUT_S = 60
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} must be an integer.") from None
+
+
 def settings(coordinator: str | None = None, num_processes: int | None = None,
              process_id: int | None = None) -> tuple[str, int, int] | None:
     """``(coordinator, num_processes, process_id)`` as configured explicitly (arguments win
     over the ``JAXDIT_*`` environment variables), or None when nothing is (one process, or
     a TPU VM, where JAX finds them itself). Touches no device."""
     coordinator = coordinator or os.environ.get(ENV[0])
-    if num_processes is None and os.environ.get(ENV[1]):
-        num_processes = int(os.environ[ENV[1]])
-    if process_id is None and os.environ.get(ENV[2]):
-        process_id = int(os.environ[ENV[2]])
+    if num_processes is None:
+        num_processes = _env_int(ENV[1])
+    if process_id is None:
+        process_id = _env_int(ENV[2])
     explicit = [coordinator, num_processes, process_id]
     if all(v is None for v in explicit):
         return None

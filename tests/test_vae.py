@@ -36,7 +36,8 @@ def test_widen_latent_keeps_the_reconstruction():
     before = jax.jit(lambda p: narrow.apply({"params": p}, images, False))(params)
     after = jax.jit(lambda p: wide.apply({"params": p}, images, False))(widened)
     np.testing.assert_allclose(after["recon"], before["recon"], atol=1e-5)
-    np.testing.assert_allclose(after["mean"][..., :4], before["mean"], atol=1e-6)
+    # fp32: the widened conv may sum in another order (1.2e-6 seen on an AMD EPYC host)
+    np.testing.assert_allclose(after["mean"][..., :4], before["mean"], atol=1e-5)
     np.testing.assert_allclose(after["logvar"][..., 4:], 0.0, atol=1e-6)  # unit variance
     assert float(jnp.abs(after["mean"][..., 4:]).max()) > 0  # new channels carry signal
 

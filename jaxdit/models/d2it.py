@@ -227,5 +227,6 @@ def example_inputs(config, batch: int = 1) -> tuple:
 
 FAMILY = Family("d2it", build, example_inputs, own_fields=CONFIG_FIELDS, role="composite",
                 class_conditional=True, sections=("d2it", "dvae"), latent_kinds=("dvae",),
-                frozen_parts=True, check=check_region)
+                frozen_parts=True, check=check_region,
+                min_depth=lambda model_cfg: int(model_cfg.refine_depth) + 1)
 

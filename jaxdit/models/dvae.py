@@ -187,6 +187,15 @@ def build(config) -> DVAE:
                 **autoencoder_kwargs(config))
 
 
+def check_dvae(config) -> None:
+    """``data.image_size`` must hold whole grain-map regions; ``vae.widen_from`` is the
+    KL-VAE's (progressive VAE), not the DVAE's."""
+    if config.vae.widen_from:
+        raise ConfigError(f"vae.widen_from={config.vae.widen_from!r} widens a kl_vae run's "
+                          "latent; model.family='dvae' cannot start from it: leave it empty.")
+    check_region(config)
+
+
 def check_region(config) -> None:
     """``data.image_size`` must hold whole grain-map regions."""
     region = region_size(config.vae.ch_mult)
@@ -197,5 +206,5 @@ def check_region(config) -> None:
 
 FAMILY = Family("dvae", build, image_example_inputs, role="autoencoder",
                 class_conditional=True, sections=("dvae",), latent_kinds=("identity",),
-                check=check_region)
+                check=check_dvae)
 

@@ -43,6 +43,8 @@ class Family:
     ``packed_patches``: accepts packed aspect-bucket batches (``data.aspect_buckets``).
     ``frozen_parts``: holds weights the optimizer must not change (a composite's VAE).
     ``check``: ``(config) -> None`` raising ConfigError for family-specific settings.
+    ``min_depth``: ``(config.model) -> int``, the smallest ``model.depth`` it builds (cost
+    extrapolation over depth starts there).
     """
     name: str
     build: Callable[..., Any]
@@ -55,6 +57,7 @@ class Family:
     packed_patches: bool = False
     frozen_parts: bool = False
     check: Callable[[Any], None] | None = None
+    min_depth: Callable[[Any], int] = lambda model_cfg: 1
 
     def __post_init__(self):
         if self.role not in ROLES:

@@ -34,13 +34,12 @@ from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.health import (ParamNormMonitor, SkipMonitor, TrainingDiverged,
                                  nonfinite_paths, report)
 from jaxdit.train.metrics import MetricWriter, Progress
-from jaxdit.train.adversarial import (DISC_KEY, LPIPS_KEY, init_critics, uses_discriminator,
+from jaxdit.train.adversarial import (DISC_KEY, init_critics, uses_discriminator,
                                       uses_lpips)
 from jaxdit.train.objectives import OBJECTIVES
 from jaxdit.train.optimizers import make_optimizer
 from jaxdit.train.resolve import resolve_config
-from jaxdit.train.stages import (init_params, load_latent_vae, load_lpips_weights,
-                                 load_stage1_vae, load_widened_vae)
+from jaxdit.train.stages import init_params
 from jaxdit.train.state import (abstract_state, count_params, create_train_state,
                                  state_shardings)
 from jaxdit.train.step import train_step
@@ -89,7 +88,8 @@ class Experiment:
 
     def create_state(self):
         """A fresh TrainState; a pretrained text encoder's weights are read from its folder
-        and placed over the random init (params and EMA)."""
+        and placed over the random init (params and EMA), then the objective's earlier-run
+        weights (``Objective.initial_weights``: a frozen VAE, a VAE to widen, LPIPS)."""
         state, _ = create_train_state(self.init_variables, self.tx, self.mesh, self.config.seed,
                                       shardings=self.state_sh)
         if self.config.text.kind == "pretrained":
@@ -97,15 +97,7 @@ class Experiment:
                 self.config.text, state.params["text_encoder"]["frozen_encoder"])
             state = state.replace(params=with_pretrained_text(state.params, weights),
                                   ema_params=with_pretrained_text(state.ema_params, weights))
-        if self.config.model.family == "d2it" and self.config.d2it.vae_workdir:
-            state = load_stage1_vae(self, state)
-        if self.config.model.family == "kl_vae" and self.config.vae.widen_from:
-            state = load_widened_vae(self, state)
-        if self.config.latent.kind == "kl_vae" and self.config.latent.vae_workdir:
-            state = load_latent_vae(self, state)
-        if LPIPS_KEY in state.params:
-            state = load_lpips_weights(state, self.config.vae.lpips_weights)
-        return state
+        return self.objective.initial_weights(self, state)
 
     def abstract_state(self):
         """Shape/sharding tree of the state, for restoring a checkpoint into."""

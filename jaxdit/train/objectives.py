@@ -1,7 +1,8 @@
 """Training objectives as plug-ins, one table: ``OBJECTIVES[config.train.objective]``.
 
 Each objective owns its loss, its validation function, its sampler and its config checks,
-and names the model families it trains. :mod:`jaxdit.train.step` keeps only the optimizer /
+names the model families it trains and places the weights of earlier runs its
+config names into a fresh state. :mod:`jaxdit.train.step` keeps only the optimizer /
 EMA / accumulation / skip machinery, :class:`jaxdit.train.loop.Experiment` asks the table
 for the validation and sampling functions, :func:`jaxdit.train.checks.validate_config` for
 the checks. Adding an objective is one module with those four functions and one row here.
@@ -28,6 +29,8 @@ from jaxdit.train.d2it import (check_d2it_config, d2it_loss_fn, make_d2it_sample
                                make_d2it_val_fn)
 from jaxdit.train.draft import check_draft_config, draft_loss_fn
 from jaxdit.train.flow_objective import check_flow_config, flow_loss_fn
+from jaxdit.train.stages import (autoencoder_initial_weights, d2it_initial_weights,
+                                 flow_initial_weights)
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
@@ -39,6 +42,8 @@ class Objective:
       over ``eval.t_grid`` (an array) or a dict of named scalars;
     ``sampler(model, autoencoder, cfg)`` -> ``(variables, cond, rng) -> images`` in [-1, 1];
     ``check(config)`` raises :class:`~jaxdit.errors.ConfigError` naming the field;
+    ``initial_weights(exp, state)`` -> ``state`` with the weights of earlier runs its config
+      names (a frozen VAE, a narrower VAE to widen, LPIPS) placed into a fresh state;
     ``families``: the ``model.family`` values it trains;
     ``reconstructs``: its samples are reconstructions of validation images (no condition);
     ``any_size``: it can sample at sizes other than the training size.
@@ -48,6 +53,7 @@ class Objective:
     sampler: Callable
     check: Callable
     families: tuple[str, ...]
+    initial_weights: Callable
     reconstructs: bool = False
     any_size: bool = True
 
@@ -84,22 +90,25 @@ OBJECTIVES = {
     "flow": Objective(
         loss=_flow_loss,
         validation=lambda model, ae, cfg: make_val_loss_fn(model, ae, cfg.eval.t_grid),
-        sampler=_flow_sampler, check=check_flow_config, families=DENOISER_FAMILIES),
+        sampler=_flow_sampler, check=check_flow_config, families=DENOISER_FAMILIES,
+        initial_weights=flow_initial_weights),
     "draft": Objective(
         loss=_draft_loss,
         validation=lambda model, ae, cfg: make_val_loss_fn(model, ae, cfg.eval.t_grid),
-        sampler=_flow_sampler, check=check_draft_config, families=DENOISER_FAMILIES),
+        sampler=_flow_sampler, check=check_draft_config, families=DENOISER_FAMILIES,
+        initial_weights=flow_initial_weights),
     "autoencoder": Objective(
         loss=_autoencoder_loss,
         validation=lambda model, ae, cfg: make_autoencoder_val_fn(model),
         sampler=lambda model, ae, cfg: make_reconstruction_fn(model),
         check=check_autoencoder_config, families=AUTOENCODER_FAMILIES,
-        reconstructs=True, any_size=False),
+        initial_weights=autoencoder_initial_weights, reconstructs=True, any_size=False),
     "d2it": Objective(
         loss=_d2it_loss,
         validation=lambda model, ae, cfg: make_d2it_val_fn(model, cfg.eval.t_grid),
         sampler=lambda model, ae, cfg: make_d2it_sample_fn(model, cfg, cfg.data.image_size),
-        check=check_d2it_config, families=("d2it",), any_size=False),
+        check=check_d2it_config, families=("d2it",), any_size=False,
+        initial_weights=d2it_initial_weights),
 }
 
 

@@ -10,6 +10,10 @@
   KL-VAE, frozen inside a text-to-image / class-conditional model, after
   :func:`configure_latent_vae` took its architecture.
 
+Each objective places what its config asks for through one function
+(``Objective.initial_weights``): :func:`flow_initial_weights`,
+:func:`autoencoder_initial_weights`, :func:`d2it_initial_weights`.
+
 ``exp`` is the run's ``jaxdit.train.loop.Experiment``; the earlier run is rebuilt from the
 config saved in its checkpoint, on the same devices.
 """
@@ -264,3 +268,28 @@ def init_params(state, exp, source: str):
     params = {**state.params, "denoiser": loaded}
     ema = {**state.ema_params, "denoiser": jax.tree.map(jnp.copy, loaded)}
     return state.replace(params=params, ema_params=ema)
+
+
+def flow_initial_weights(exp, state):
+    """A flow (or DRaFT) run's frozen KL-VAE latent space, when ``latent.vae_workdir`` names
+    one."""
+    if exp.config.latent.kind == "kl_vae" and exp.config.latent.vae_workdir:
+        state = load_latent_vae(exp, state)
+    return state
+
+
+def autoencoder_initial_weights(exp, state):
+    """An autoencoder run's narrower run to widen (``vae.widen_from``) and its frozen LPIPS
+    network's weights (``vae.lpips_weights``) when it has one."""
+    if exp.config.vae.widen_from:
+        state = load_widened_vae(exp, state)
+    if LPIPS_KEY in state.params:
+        state = load_lpips_weights(state, exp.config.vae.lpips_weights)
+    return state
+
+
+def d2it_initial_weights(exp, state):
+    """D2iT stage 2's frozen stage-1 DVAE (``d2it.vae_workdir``)."""
+    if exp.config.d2it.vae_workdir:
+        state = load_stage1_vae(exp, state)
+    return state

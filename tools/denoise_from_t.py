@@ -1,4 +1,4 @@
-"""Where a text-to-image run on the shapes data loses its captions: noise real validation
+"""Where a text-to-image run on the shapes data loses its captions: noise its validation
 images to ``t0``, integrate the Euler ODE from there to 0 (no guidance) and score the
 result with the alignment checks, for several ``t0``.
 
@@ -21,18 +21,17 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxdit.data.shapes import ShapesSource  # noqa: E402
-from jaxdit.eval.alignment import alignment_scores  # noqa: E402
+from jaxdit.diffusion.flow import interpolate  # noqa: E402
+from jaxdit.eval.alignment import COLOR_TOL, alignment_scores  # noqa: E402
 from jaxdit.eval.sampling import encode_captions  # noqa: E402
 from jaxdit.train.load import load_experiment  # noqa: E402
-
-COLOR_TOL = 70.0
+from jaxdit.train.loop import validation_images  # noqa: E402
 
 
 def denoise_from(apply, x0, noise, t0: float, num_steps: int):
     """Euler ODE from ``x_t0 = (1 - t0) x0 + t0 noise`` to t = 0; ``num_steps`` over [0, 1],
     so a start at ``t0`` takes ``round(num_steps * t0)`` of them. ``x0`` (B, H, W, C)."""
-    x = (1.0 - t0) * x0 + t0 * noise
+    x = interpolate(x0, noise, jnp.full((x0.shape[0],), t0, jnp.float32))
     times = np.linspace(t0, 0.0, max(1, int(round(num_steps * t0))) + 1)
     for t, t_next in zip(times[:-1], times[1:]):
         x = x + (t_next - t) * -apply(x, jnp.full((x.shape[0],), t, jnp.float32))
@@ -52,11 +51,8 @@ def main(argv=None) -> int:
         print(f"Error: {args.workdir} is not a text-to-image run on the shapes data.",
               file=sys.stderr)
         return 1
-    source = ShapesSource(num_records=cfg.data.num_val, image_size=cfg.data.image_size,
-                          seed=cfg.data.seed + 1, max_objects=cfg.data.max_objects)
-    records = [source[i] for i in range(args.num_images)]
-    captions = [r["caption"] for r in records]
-    x0 = jnp.asarray(np.stack([r["image"] for r in records]).astype(np.float32) / 127.5 - 1)
+    captions, images = validation_images(cfg, args.num_images)
+    x0 = jnp.asarray(images)
     cond = {k: jnp.asarray(v) for k, v in
             encode_captions(exp.tokenizer, captions, cfg.text.max_len).items()}
     variables = {"params": state.ema_params, **state.model_state}

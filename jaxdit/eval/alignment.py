@@ -24,6 +24,7 @@ import numpy as np
 from jaxdit.data.shapes import COLORS, RELATIONS
 
 CATEGORIES = ("color", "count", "shape", "position")
+COLOR_TOL = 70.0  # RGB distance from a palette colour that still counts as that colour
 _OBJECT = re.compile(r"a (\w+) (circle|square|triangle)")
 
 
@@ -65,7 +66,7 @@ def classify_shape(mask: np.ndarray) -> str:
     return "triangle" if top < 0.6 * max(bottom, 1) else "circle"
 
 
-def detect(image, color_tol: float = 70.0, min_area: float = 0.01) -> list[Detection]:
+def detect(image, color_tol: float = COLOR_TOL, min_area: float = 0.01) -> list[Detection]:
     """Objects in ``image`` (H, W, 3), one per palette colour present."""
     img = to_uint8(image).astype(np.float32)
     h, w, _ = img.shape

@@ -244,8 +244,9 @@ def depth_extrapolated_cost(cfg, devices) -> tuple[float, float]:
     """``(FLOPs per chip, optimal seconds)`` of ``cfg``'s step at its ``model.depth``, from
     two small unrolled compiles: XLA's cost analysis counts a while loop's body once, so a
     scanned step reports the cost of one layer. With ``d`` the family's smallest depth
-    (``Family.min_depth``: 1, or D2iT's ``refine_depth + 1``), ``cost(N) = cost(d) + (N - d) * (cost(d + 1) - cost(d))``; every
-    other stack (refiners, grain model) is unrolled in both and counted in full."""
+    (``Family.min_depth``: 1, or D2iT's ``refine_depth + 1``),
+    ``cost(N) = cost(d) + (N - d) * (cost(d + 1) - cost(d))``; every other stack (refiners,
+    grain model) is unrolled in both and counted in full."""
     depth = int(cfg.model.depth)
     d = family_of(cfg).min_depth(cfg.model)
     costs = []

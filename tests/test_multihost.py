@@ -81,7 +81,13 @@ def test_a_lost_peer_stops_the_other_naming_it_and_the_relaunch_resumes(tmp_path
     procs = _start_pair(wd, steps=1000, extra=["--peer_timeout=10"], start_new_session=True)
     deadline = time.time() + 400
     while not os.path.isdir(os.path.join(wd, "checkpoints", "4")):
-        assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            outs = [p.communicate()[0] for p in procs]
+            raise AssertionError("no progress:\n" + "\n".join(
+                f"--- process {i} (exit {p.returncode}):\n{out[-3000:]}"
+                for i, (p, out) in enumerate(zip(procs, outs))))
         time.sleep(0.5)
     os.killpg(procs[1].pid, signal.SIGKILL)
     lost_at = time.time()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 
 import jax
+from jax._src import distributed as jax_distributed  # its client: no public handle (barriers)
 
 ENV = ("JAXDIT_COORDINATOR", "JAXDIT_NUM_PROCESSES", "JAXDIT_PROCESS_ID")
 
@@ -90,3 +91,52 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         jax.distributed.initialize(heartbeat_timeout_seconds=peer_timeout_s)
         return jax.process_count() > 1
     return False
+
+
+# How long a process waits at a compile barrier for its slowest peer (XLA:TPU compiles of
+# large models take minutes; a peer that dies meanwhile is caught by the heartbeats).
+COMPILE_BARRIER_TIMEOUT_S = 1800
+_barrier_count = 0
+
+
+def wait_for_peers(name: str, timeout_s: int = COMPILE_BARRIER_TIMEOUT_S) -> None:
+    """Blocks until every process of the run reaches the barrier ``name`` (no-op in one
+    process). Every process must call it in the same order: the id gets a running count."""
+    global _barrier_count
+    if jax.process_count() == 1:
+        return
+    _barrier_count += 1
+    jax_distributed.global_state.client.wait_at_barrier(
+        f"jaxdit/{name}/{_barrier_count}", timeout_in_ms=timeout_s * 1000)
+
+
+def _signature(args) -> tuple:
+    leaves, treedef = jax.tree.flatten(args)
+    return (treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))))
+                           for x in leaves))
+
+
+class PeerSynced:
+    """A jitted function whose every new compilation is done ahead of time and followed by
+    :func:`wait_for_peers` before it first runs, in multi-process runs.
+
+    Why: CPU collectives (gloo) give a peer 30 s to join a collective, and the first run of a
+    program starts its collectives right after that process's own compile; a process that
+    compiles slower (a loaded host) would make the faster one fail. After the barrier all
+    processes start the program together. In one process this is the jitted function as is.
+    """
+
+    def __init__(self, jitted, name: str):
+        self._jitted, self._name, self._seen = jitted, name, set()
+
+    def __call__(self, *args):
+        if jax.process_count() > 1:
+            key = _signature(args)
+            if key not in self._seen:
+                self._jitted.lower(*args).compile()  # fills the jit cache: no second compile
+                wait_for_peers(self._name)
+                self._seen.add(key)
+        return self._jitted(*args)
+
+    def __getattr__(self, attr):  # lower, trace, eval_shape, ... of the jitted function
+        return getattr(self._jitted, attr)

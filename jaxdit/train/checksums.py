@@ -18,6 +18,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdit.parallel.distributed import PeerSynced
 from jaxdit.train.state import path_names
 
 _MASK = 0xFFFFFFFF
@@ -48,9 +49,11 @@ def fingerprint(x) -> jax.Array:
     return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
 
 
-@jax.jit
-def _fingerprints(arrays: list) -> list:
+def _fingerprint_all(arrays: list) -> list:
     return [fingerprint(x) for x in arrays]
+
+
+_fingerprints = PeerSynced(jax.jit(_fingerprint_all), "checksums")
 
 
 def _key(path) -> str:

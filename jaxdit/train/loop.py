@@ -29,6 +29,7 @@ from jaxdit.models.registry import (build_model, example_inputs, family_of,
                                     persistent_variables)
 from jaxdit.convert.text import load_pretrained_text, with_pretrained_text
 from jaxdit.models.vae import PrecomputedLatents, make_autoencoder
+from jaxdit.parallel.distributed import PeerSynced
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_sharding, make_mesh
 from jaxdit.train.checkpoint import Checkpointer
 from jaxdit.train.health import (ParamNormMonitor, SkipMonitor, TrainingDiverged,
@@ -109,8 +110,10 @@ class Experiment:
     def jit_train_step(self, example_batch):
         step = functools.partial(train_step, model=self.model, autoencoder=self.autoencoder,
                                  tx=self.tx, schedule=self.schedule, cfg=self.config)
-        return jax.jit(step, in_shardings=(self.state_sh, self.batch_shardings(example_batch)),
-                       out_shardings=(self.state_sh, None), donate_argnums=(0,))
+        return PeerSynced(jax.jit(step, in_shardings=(self.state_sh,
+                                                      self.batch_shardings(example_batch)),
+                                  out_shardings=(self.state_sh, None), donate_argnums=(0,)),
+                          "train_step")
 
     def to_global(self, host_batch):
         """Host-local numpy batch -> global ``jax.Array``s sharded over the batch axes."""
@@ -127,13 +130,15 @@ class Experiment:
     def val_loss_fn(self):
         """Jitted ``(variables, batch, rng)`` -> losses over ``eval.t_grid`` (an array), or
         a dict of named scalars / an array under ``"loss"``."""
-        return self.objective.validation(self.model, self.autoencoder, self.config)
+        return PeerSynced(self.objective.validation(self.model, self.autoencoder,
+                                                    self.config), "validation")
 
     @functools.cached_property
     def sample_fn(self):
         """``(variables, cond, rng) -> images``: samples (or reconstructions of
         ``{"image"}``; D2iT: image | grain map) at the training size."""
-        return self.objective.sampler(self.model, self.autoencoder, self.config)
+        return PeerSynced(self.objective.sampler(self.model, self.autoencoder, self.config),
+                          "sampler")
 
     def context(self):
         """Mesh + logical-axis-rules context every jitted call runs under."""

@@ -5,6 +5,8 @@
 """
 from jaxdit import config_lib
 
+_DIT_AIR = config_lib.sibling_experiment(__file__, "dit_air")
+
 
 def get_config(arg="tiny"):
-    return config_lib.air_family_config("mmdit", arg)
+    return _DIT_AIR.air_family_config("mmdit", arg)

@@ -1,6 +1,7 @@
 """Base config and the small helpers experiment files use (big_vision style).
 
-An experiment file defines ``get_config(arg)``; ``arg`` is ``"<size>[,key=value...]"``,
+The presets (sizes, tiny recipes) live in ``experiments/<family>.py``; this module holds what
+they share. An experiment file defines ``get_config(arg)``; ``arg`` is ``"<size>[,key=value...]"``,
 e.g. ``"tiny"``, ``"B,share=attention"``, ``"B,adaln=shared"``. ``key=value`` pairs override
 fields of ``config.model``. Everything else is overridden on the command line with
 ``--config.section.field=value``.
@@ -8,10 +9,12 @@ fields of ``config.model``. Everything else is overridden on the command line wi
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
+import types
 
 import ml_collections
 
-from jaxdit.data.shapes import NUM_CLASSES
 from jaxdit.models.registry import check_set_fields
 
 
@@ -146,8 +149,9 @@ EARLIER_BEHAVIOUR = {"model": {"scan_layers": False}}  # unrolled blocks before 
 
 def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``config`` plus every field of :func:`base_config` (and of the autoencoder sections
-    it has) it lacks (recursively; present fields are kept): a config saved by an older jaxdit gains the fields added since, with
-    the value of :data:`EARLIER_BEHAVIOUR` where it has one, else their defaults."""
+    it has) it lacks (recursively; present fields are kept): a config saved by an older
+    jaxdit gains the fields added since, with the value of :data:`EARLIER_BEHAVIOUR` where
+    it has one, else their defaults."""
     for section, fields in EARLIER_BEHAVIOUR.items():
         if section in config:
             for key, value in fields.items():
@@ -168,16 +172,46 @@ def with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return config
 
 
-def apply_model_overrides(config, overrides: dict):
-    """``config`` with the config argument's ``key=value`` pairs set in ``config.model``;
-    unknown fields and fields the family does not read are refused."""
+def apply_overrides(config, overrides: dict, sections=("model",)):
+    """``config`` with the config argument's ``key=value`` pairs set in the first of
+    ``sections`` that has the field; unknown fields and model fields the family does not
+    read are refused, naming the valid ones."""
     for k, v in overrides.items():
-        if k not in config.model:
-            raise ValueError(f"Unknown model field {k!r} in config argument; "
-                             f"valid: {sorted(config.model.keys())}.")
-        config.model[k] = v
-    check_set_fields(config.model.family, [f"model.{k}" for k in overrides])
+        section = next((name for name in sections if k in config[name]), None)
+        if section is None:
+            valid = " or ".join(f"{name} fields {sorted(config[name].keys())}"
+                                for name in sections)
+            label = f"{sections[0]} field" if len(sections) == 1 else "field"
+            raise ValueError(f"Unknown {label} {k!r} in config argument; valid: {valid}.")
+        config[section][k] = v
+    check_set_fields(config.model.family, [f"model.{k}" for k in overrides
+                                           if k in config.model and "model" in sections])
     return config
+
+
+def load_experiment(path: str) -> types.ModuleType:
+    """The experiment file at ``path`` as a module, as ``--config path:arg`` loads it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No experiment config file {path!r}.")
+    name = "jaxdit_experiment_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def preset(name: str, arg: str | None, experiments_dir: str) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of ``experiments_dir/<name>.py``: what ``--config
+    experiments/<name>.py:<arg>`` gives (tests and tools reach the presets this way)."""
+    module = load_experiment(os.path.join(experiments_dir, f"{name}.py"))
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def sibling_experiment(this_file: str, name: str) -> types.ModuleType:
+    """Experiment ``name`` (e.g. ``"dit_air"``) from the folder of ``this_file``: how the
+    PixArt and MMDiT configs reuse DiT-Air's sizes without a package import."""
+    return load_experiment(os.path.join(os.path.dirname(os.path.abspath(this_file)),
+                                        f"{name}.py"))
 
 
 # Paper-size models pick their attention kernel per platform: splash on TPU, cuDNN or the
@@ -209,144 +243,7 @@ def tiny_setup(config):
     return config
 
 
-# DiT-Air scaling family (also used for its PixArt-alpha and MMDiT baselines):
-# layers N, width 64 N, N heads of dim 64.
-AIR_DEPTHS = {"S": 12, "B": 18, "L": 24, "XL": 30, "XXL": 38}
-
-
-def air_family_config(family: str, arg: str | None):
-    """Config for ``family`` in {dit_air, pixart, mmdit} at size ``tiny`` or S..XXL."""
-    size, overrides = parse_arg(arg)
-    config = base_config()
-    config.model.family = family
-    if size in AIR_DEPTHS:
-        n = AIR_DEPTHS[size]
-        paper_model(config, depth=n, width=64 * n, heads=n)
-    elif size == "tiny":
-        tiny_setup(config)
-        # Measured on DiT-Air tiny (docs/quality.md): at 600 steps AdamW at 2e-3 reaches a
-        # validation loss of 0.123 against 0.143 with the paper's AdaFactor at 1e-3 (0.129
-        # with AdaFactor at 2e-3; 4e-3 lowers the loss but blanks a third of the samples);
-        # 1000 steps (0.104) still train in under 5 minutes on 2 cores.
-        config.optim.update(name="adamw", lr=2e-3)
-        config.train.update(steps=1000, eval_every=500, ckpt_every=500)
-    else:
-        raise ValueError(f"Unknown size {size!r}; available: tiny, {', '.join(AIR_DEPTHS)}.")
-    return apply_model_overrides(config, overrides)
-
-
-# Race-DiT sizes (its Table 4; DiT B/L/XL plus a new M): (layers, width, heads).
-RACE_SIZES = {"B": (12, 768, 12), "M": (16, 960, 16), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
-IMAGENET_CLASSES = 1000
-
-
-def parse_moe_variant(variant: str) -> dict:
-    """``"dense"`` -> no experts; ``"4in32"`` -> 32 experts, k=4, hidden split 4 (the
-    paper's convention: x-in-y activates as many parameters as the dense MLP)."""
-    if variant == "dense":
-        return dict(num_experts=0)
-    x, sep, y = variant.partition("in")
-    if not (sep and x.isdigit() and y.isdigit()):
-        raise ValueError(f"Unknown MoE variant {variant!r}: use 'dense' or '<k>in<experts>'.")
-    return dict(num_experts=int(y), k=int(x), hidden_split=int(x))
-
-
-def race_config(arg: str | None):
-    """Race-DiT / DiT config: ``"<size>-<variant>[,key=value...]"``, size in tiny/B/M/L/XL,
-    variant ``dense`` or ``<k>in<E>``; keys override ``config.model`` or ``config.moe``."""
-    name, overrides = parse_arg(arg)
-    size, _, variant = name.partition("-")
-    config = base_config()
-    config.model.update(family="race_dit", qk_norm=False, sandwich=False)
-    config.text.kind = "none"
-    config.moe.update(parse_moe_variant(variant or "dense"))
-    if size in RACE_SIZES:
-        depth, width, heads = RACE_SIZES[size]
-        config.model.update(depth=depth, width=width, num_heads=heads, patch_size=2,
-                            num_classes=IMAGENET_CLASSES, dtype="bfloat16", remat="full",
-                            attn_impl=PAPER_ATTENTION)
-        config.latent.update(kind="kl_vae", channels=4, downsample=8)  # SD-VAE latents
-        config.data.image_size = 256
-        # DiT's ImageNet recipe (Race-DiT's own ablation recipe is not public).
-        config.optim.update(name="adamw", lr=1e-4, ema_decay=0.9999)
-        config.train.batch_size = 256
-    elif size == "tiny":
-        tiny_setup(config)
-        config.model.update(num_classes=NUM_CLASSES)
-        config.data.max_objects = 1  # one object per image: its class is the whole content
-        config.data.caption_dropout = 0.1  # label dropout for CFG
-    else:
-        raise ValueError(f"Unknown size {size!r}; available: tiny, {', '.join(RACE_SIZES)}.")
-    config.sampler.update(cfg_scale=4.0)  # Race-DiT's sample figures use CFG 4
-    for k, v in overrides.items():
-        section = "moe" if k in config.moe and k not in config.model else "model"
-        if k not in config[section]:
-            raise ValueError(f"Unknown field {k!r} in config argument; valid: model fields "
-                             f"{sorted(config.model.keys())} or moe fields "
-                             f"{sorted(config.moe.keys())}.")
-        config[section][k] = v
-    check_set_fields(config.model.family, [f"model.{k}" for k in overrides
-                                           if k not in config.moe or k in config.model])
-    return config
-
-
-# Lumina-Image 2.0 Unified Next-DiT (official configs): width, layers, heads, KV heads and
-# M-RoPE channels per axis (text index, row, column); head dim = sum(axes_dims).
-LUMINA_SIZES = {
-    "2B": (2304, 26, 24, 8, (32, 32, 32)),
-    "3B": (2592, 30, 24, 8, (36, 36, 36)),
-    "4B": (2880, 32, 24, 8, (40, 40, 40)),
-    "7B": (3840, 32, 32, 8, (40, 40, 40)),
-}
-GEMMA_2B_WIDTH = 2304  # Gemma-2-2B hidden size, the official text features
-FLUX_LATENT = dict(kind="kl_vae", channels=16, downsample=8)
-
-
-def lumina_config(arg: str | None):
-    """Lumina-Image 2.0 config: size tiny / 2B / 3B / 4B / 7B, ``key=value`` overrides of
-    ``config.model``. Paper sizes use the official 1024-px fine-tune recipe (AdamW 2e-4,
-    betas (0.9, 0.95), clip 2.0, logit-normal t with the resolution shift, the 4x
-    average-pooled auxiliary loss) and its sampler (midpoint, shift 6, CFG 4 with
-    renormalisation 1.0 and truncation 0.25)."""
-    size, overrides = parse_arg(arg)
-    config = base_config()
-    config.model.update(family="lumina", qk_norm=True, sandwich=True, patch_size=2)
-    config.data.update(system_prompt="base", sample_system_prompt="real")
-    config.diffusion.update(resolution_shift=True)
-    config.sampler.update(method="midpoint", sde=False, cfg_scale=4.0, shift=6.0,
-                          cfg_renorm=1.0, cfg_trunc=0.25)
-    if size in LUMINA_SIZES:
-        width, depth, heads, kv_heads, axes = LUMINA_SIZES[size]
-        config.model.update(width=width, depth=depth, num_heads=heads, num_kv_heads=kv_heads,
-                            axes_dims=axes, dtype="bfloat16", remat="full",
-                            attn_impl=PAPER_ATTENTION)
-        config.text.update(kind="precomputed", width=GEMMA_2B_WIDTH, max_len=256)
-        config.latent.update(FLUX_LATENT)
-        config.data.update(image_size=1024, bucket_max_ratio=4.0, bucket_filter="official")
-        config.diffusion.update(multires_pool=4)
-        config.optim.update(name="adamw", lr=2e-4, b1=0.9, b2=0.95, eps=1e-15,
-                            weight_decay=0.0, clip_norm=2.0, ema_decay=0.9999)
-        config.train.batch_size = 512
-        config.sampler.num_steps = 17  # the official 18-point time grid
-    elif size == "tiny":
-        tiny_setup(config)
-        config.model.update(width=128, depth=4, num_heads=4, num_kv_heads=2,
-                            axes_dims=(8, 12, 12), num_refiner_layers=1, patch_size=4)
-        config.text.max_len = 40  # room for the system prompt before the caption
-        config.sampler.update(num_steps=25, shift=1.0)
-        # Lumina's shifts are calibrated for 256-4096 latent tokens (and shift 6 for 1024-px
-        # sampling); at 64 pixel tokens they hurt (600 steps: val 0.171 with, 0.158 without).
-        config.diffusion.resolution_shift = False
-        # Exact captions: train and sample with Template B (high image-text alignment).
-        config.data.update(system_prompt="real", sample_system_prompt="real")
-    else:
-        raise ValueError(f"Unknown size {size!r}; available: tiny, {', '.join(LUMINA_SIZES)}.")
-    return apply_model_overrides(config, overrides)
-
-
-# D2iT (its Tables 1-2 compare D2iT-L/XL with DiT-L/XL): DiT sizes (layers, width, heads);
-# the last ``refine_depth`` layers are the RefineNet (its Table 4: 10 + 2 for B).
-D2IT_SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+IMAGENET_CLASSES = 1000  # class-conditional paper configs (Race-DiT, D2iT)
 
 
 def autoencoder_sections(config):
@@ -381,96 +278,6 @@ def autoencoder_sections(config):
         fine_weight=1.0, coarse_weight=1.0,
         grain_steps=8, grain_temperature=1.0, grain_choice_temperature=4.5,
         sample_fine_ratio=0.0, grain_cfg_scale=1.0))
-    return config
-
-
-def d2it_config(arg: str | None):
-    """D2iT configs. ``<size>``: stage 2 (grain + content transformers) at tiny/B/L/XL;
-    ``dvae-<size>``: stage 1 (the DVAE) at tiny or ``paper`` (256 px). ``key=value``
-    overrides ``config.model`` (stage 2) or ``config.vae`` (stage 1)."""
-    name, overrides = parse_arg(arg)
-    config = autoencoder_sections(base_config())
-    config.text.kind = "none"
-    stage1 = name.startswith("dvae")
-    size = name.partition("-")[2] if stage1 else name
-    config.model.update(family="dvae" if stage1 else "d2it", qk_norm=False, sandwich=False,
-                        patch_size=2)
-    config.model.refine_depth = 2
-    config.train.objective = "autoencoder" if stage1 else "d2it"
-    config.sampler.update(method="heun", sde=False, num_steps=50, cfg_scale=4.0)
-    if size in D2IT_SIZES or (stage1 and size == "paper"):
-        config.data.image_size = 256
-        config.latent.update(kind="dvae", channels=4, downsample=8)
-        config.model.update(num_classes=IMAGENET_CLASSES, dtype="bfloat16", remat="full",
-                            attn_impl=PAPER_ATTENTION)
-        if size in D2IT_SIZES:
-            depth, width, heads = D2IT_SIZES[size]
-            config.model.update(depth=depth, width=width, num_heads=heads)
-        config.optim.update(name="adamw", lr=1e-4, ema_decay=0.9999)
-        config.train.batch_size = 256
-        if stage1:  # DQ-VAE's loss: L1 + LPIPS + hinge PatchGAN, adaptive weight <= 0.75
-            config.vae.update(lpips_weight=1.0, disc_weight=1.0, disc_weight_max=0.75,
-                              disc_start=0, l2_weight=0.0)
-    elif size == "tiny":
-        tiny_setup(config)
-        # 32-px shapes: f2 fine / f4 coarse -> 16x16x4 latent, 8x8 grain map (64 tokens).
-        config.vae.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, kl_weight=1e-4)
-        config.latent.update(kind="dvae", channels=4, downsample=2)
-        config.model.update(num_classes=NUM_CLASSES, depth=4, width=128, num_heads=4)
-        config.d2it.update(grain_depth=2, grain_width=64, grain_heads=2)
-        config.data.max_objects = 1
-        config.sampler.update(num_steps=25, cfg_scale=2.0)
-        if stage1:
-            config.optim.update(name="adamw", lr=1e-3, warmup_steps=50)
-    else:
-        raise ValueError(f"Unknown D2iT size {size!r}; available: tiny, "
-                         f"{', '.join(D2IT_SIZES)}, dvae-tiny, dvae-paper.")
-    if stage1:
-        config.latent.update(kind="identity", channels=3, downsample=1)  # trains on pixels
-        config.model.depth = 0
-    section = config.vae if stage1 else config.model
-    for k, v in overrides.items():
-        if k not in section:
-            raise ValueError(f"Unknown field {k!r} in config argument; valid: "
-                             f"{sorted(section.keys())}.")
-        section[k] = v
-    if not stage1:
-        check_set_fields(config.model.family, [f"model.{k}" for k in overrides])
-    return config
-
-
-def vae_config(arg: str | None):
-    """KL-VAE (``model.family='kl_vae'``) configs: ``"<size>-<z>ch"``, size ``tiny`` (32-px
-    shapes, f4) or ``f8`` (the LDM/SD layout at 256 px: ch 128, mults 1,2,4,4); ``z``
-    latent channels. DiT-Air's progressive VAE: train ``-4ch``, then ``-8ch`` with
-    ``--config.vae.widen_from=<the 4ch workdir>``. ``key=value`` overrides ``config.vae``."""
-    name, overrides = parse_arg(arg)
-    size, _, ch = name.partition("-")
-    if not (ch.endswith("ch") and ch[:-2].isdigit()):
-        raise ValueError(f"VAE config {name!r}: use '<size>-<z>ch', e.g. 'tiny-4ch'.")
-    config = autoencoder_sections(base_config())
-    config.text.kind = "none"
-    config.model.family = "kl_vae"
-    config.train.objective = "autoencoder"
-    config.latent.update(kind="identity", channels=3, downsample=1)  # trains on pixels
-    config.vae.update(z_channels=int(ch[:-2]), ch_mult=(1, 2, 4, 4))
-    config.optim.update(name="adamw", b1=0.5, b2=0.9)  # DQ-VAE / taming's Adam betas
-    if size == "tiny":
-        tiny_setup(config)
-        config.optim.update(lr=1e-3, warmup_steps=50)
-        config.vae.update(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, kl_weight=1e-4)
-    elif size == "f8":
-        config.data.image_size = 256
-        config.optim.lr = 4.5e-6 * 8 * 12  # taming's lr = n_gpu x batch x 4.5e-6
-        config.train.batch_size = 96
-        # LDM's autoencoder_kl_f8 loss: LPIPS 1.0, discriminator 0.5 from step 50001.
-        config.vae.update(lpips_weight=1.0, disc_weight=0.5, disc_start=50001)
-    else:
-        raise ValueError(f"Unknown VAE size {size!r}; available: tiny, f8.")
-    for k, v in overrides.items():
-        if k not in config.vae:
-            raise ValueError(f"Unknown field {k!r}; valid: {sorted(config.vae.keys())}.")
-        config.vae[k] = v
     return config
 
 

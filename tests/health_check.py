@@ -11,24 +11,24 @@ import jax
 import numpy as np
 from absl import flags
 
-from jaxdit import config_lib
 from jaxdit.data.pipeline import make_dataset
 from jaxdit.train.health import nonfinite_paths
 from jaxdit.train.loop import Experiment
+from helpers import preset
 
 STEPS = 40
 # Race-DiT runs at full size (below), 1.2 s a step: 24 steps still cover its old failure
 # (step 3) and a loss that falls by a quarter.
 STEPS_FOR = {"race_dit": 24}
 CASES = {
-    "dit_air": lambda: config_lib.air_family_config("dit_air", "tiny"),
-    "pixart": lambda: config_lib.air_family_config("pixart", "tiny"),
-    "mmdit": lambda: config_lib.air_family_config("mmdit", "tiny"),
-    "race_dit": lambda: config_lib.race_config("tiny-4in16"),  # PLR + router similarity
-    "lumina": lambda: config_lib.lumina_config("tiny"),
-    "dvae": lambda: config_lib.d2it_config("dvae-tiny"),
-    "d2it": lambda: config_lib.d2it_config("tiny"),
-    "kl_vae": lambda: config_lib.vae_config("tiny-4ch"),
+    "dit_air": lambda: preset("dit_air", "tiny"),
+    "pixart": lambda: preset("pixart", "tiny"),
+    "mmdit": lambda: preset("mmdit", "tiny"),
+    "race_dit": lambda: preset("race_dit", "tiny-4in16"),  # PLR + router similarity
+    "lumina": lambda: preset("lumina", "tiny"),
+    "dvae": lambda: preset("d2it", "dvae-tiny"),
+    "d2it": lambda: preset("d2it", "tiny"),
+    "kl_vae": lambda: preset("vae", "tiny-4ch"),
 }
 # Trained at their full tiny size and batch: Race-DiT's old failure needs a starved expert,
 # which depth 2 / batch 16 did not produce (the old optimizer passed there).

@@ -1,8 +1,18 @@
 """Small shared test utilities: tiny configs and a deterministic batch."""
+import os
+
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdit import config_lib
+
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+
+
+def preset(name: str, arg: str | None = None):
+    """``experiments/<name>.py:<arg>``, as the command line's ``--config`` gives it."""
+    return config_lib.preset(name, arg, EXPERIMENTS)
 
 VARIANTS = [
     ("dit_air", "tiny"), ("dit_air", "tiny,share=full"), ("dit_air", "tiny,share=attention"),
@@ -12,18 +22,18 @@ VARIANTS = [
 
 def tiny_config(family="dit_air", arg="tiny", **train):
     if family == "race_dit":
-        c = config_lib.race_config(arg)
+        c = preset("race_dit", arg)
         # Dropless buffers, so 1-device and sharded runs route and compute identically.
         c.moe.update(capacity_factor=0.0, eval_capacity_factor=0.0, expert_impl="grouped")
     elif family in ("d2it", "dvae"):
-        c = config_lib.d2it_config(arg)
+        c = preset("d2it", arg)
     elif family == "kl_vae":
-        c = config_lib.vae_config(arg)
+        c = preset("vae", arg)
     elif family == "lumina":
-        c = config_lib.lumina_config(arg)
+        c = preset("lumina", arg)
         c.model.update(num_kv_heads=2, axes_dims=(4, 6, 6), num_refiner_layers=1)
     else:
-        c = config_lib.air_family_config(family, arg)
+        c = preset(family, arg)
     c.model.update(depth=2, width=64, num_heads=4, pos_embed_max_size=16)
     if family in ("d2it", "dvae"):  # trunk of 1 block + a 1-block RefineNet; tiny DVAE
         c.model.refine_depth = 1

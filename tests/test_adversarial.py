@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import fixed_batch, tiny_config
-from jaxdit import config_lib
+from helpers import fixed_batch, tiny_config, preset
 from jaxdit.errors import ConfigError
 from jaxdit.models.discriminator import NLayerDiscriminator
 from jaxdit.models.vae import KLAutoencoder
@@ -130,11 +129,11 @@ def test_gan_settings_are_checked():
 
 
 def test_paper_configs_train_with_lpips_and_the_discriminator():
-    ldm = config_lib.vae_config("f8-8ch").vae  # LDM's autoencoder_kl_f8 loss
+    ldm = preset("vae", "f8-8ch").vae  # LDM's autoencoder_kl_f8 loss
     assert (ldm.lpips_weight, ldm.disc_weight, ldm.disc_start) == (1.0, 0.5, 50001)
-    dq = config_lib.d2it_config("dvae-paper").vae  # DQ-VAE's: adaptive weight capped at 0.75
+    dq = preset("d2it", "dvae-paper").vae  # DQ-VAE's: adaptive weight capped at 0.75
     assert (dq.lpips_weight, dq.disc_weight, dq.disc_weight_max, dq.disc_loss) == (
         1.0, 1.0, 0.75, "hinge")
     assert (dq.disc_ndf, dq.disc_layers) == (64, 3)
-    tiny = config_lib.vae_config("tiny-4ch").vae
+    tiny = preset("vae", "tiny-4ch").vae
     assert tiny.lpips_weight == 0 and tiny.disc_weight == 0

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from jaxdit import config_lib
 from jaxdit.train import aot
+from helpers import preset
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -35,7 +35,7 @@ def test_missing_libtpu_is_one_clear_error(monkeypatch):
 
 @pytest.mark.xdist_group("aot")
 def test_tiny_dit_air_train_step_compiles_for_v5p_with_splash():
-    cfg = config_lib.air_family_config("dit_air", "tiny")
+    cfg = preset("dit_air", "tiny")
     cfg.model.update(attn_impl="splash", depth=3, scan_layers=True)
     r = aot.compile_train_step(cfg, "v5p:2x2x1", batch=8)
     assert r.chips == 4 and r.mesh["fsdp"] == 4 and r.batch == 8

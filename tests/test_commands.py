@@ -8,11 +8,12 @@ import sys
 
 import pytest
 
-from jaxdit import config_doc, config_lib
+from jaxdit import config_doc
 from jaxdit.errors import ConfigError
 from jaxdit.eval.sampling import default_grid_path
 from jaxdit.models.registry import FAMILY_FIELDS
 from jaxdit.train.metrics import format_duration
+from helpers import preset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,15 +91,15 @@ def test_fields_of_another_family_are_refused():
     nothing: refused in the config argument, naming the family that has it."""
     with pytest.raises(ConfigError, match=r"model.share: model.family='lumina' does not use "
                                           r"it \(used by dit_air\)"):
-        config_lib.lumina_config("tiny,share=full")
+        preset("lumina", "tiny,share=full")
     with pytest.raises(ConfigError, match="model.num_kv_heads.*used by lumina"):
-        config_lib.air_family_config("mmdit", "tiny,num_kv_heads=2")
-    assert config_lib.air_family_config("dit_air", "tiny,share=full").model.share == "full"
+        preset("mmdit", "tiny,num_kv_heads=2")
+    assert preset("dit_air", "tiny,share=full").model.share == "full"
 
 
 def test_every_model_field_belongs_to_a_family():
     """The families' field lists name real fields, and no field is read by no family."""
-    fields = set(config_lib.d2it_config("tiny").model.keys())
+    fields = set(preset("d2it", "tiny").model.keys())
     listed = set().union(*FAMILY_FIELDS.values())
     assert listed <= fields, listed - fields
     assert fields <= listed, fields - listed

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdit import config_lib
 from jaxdit.cli.eval import evaluate_step
 from jaxdit.data.grains import dataset_entropies, percentile_table, threshold_for_ratio
 from jaxdit.diffusion.multigrain import (dynamic_grain_loss, masked_grain_tokens,
@@ -20,7 +19,7 @@ from jaxdit.models.dvae import DVAE, multigrain_noise, neighbor_copy, region_ent
 from jaxdit.models.registry import build_model, example_inputs
 from jaxdit.train.loop import train_and_evaluate
 from jaxdit.train.state import strip_boxes
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, preset
 
 
 def coarse_spread(x, grain):
@@ -175,13 +174,13 @@ DIT_PARAMS = {"L": 458e6, "XL": 675e6}
 
 @pytest.mark.parametrize("size", ["B", "L", "XL"])
 def test_param_counts_match_the_paper_and_stay_close_to_dit(size):
-    cfg = config_lib.d2it_config(size)
+    cfg = preset("d2it", size)
     cfg.dvae.threshold = 1.0
     model = build_model(cfg)
     shapes = strip_boxes(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
                                                            *example_inputs(cfg))))["params"]
     counts = param_counts(shapes)
-    dcfg = config_lib.race_config(f"{size}-dense")
+    dcfg = preset("race_dit", f"{size}-dense")
     dit = build_model(dcfg)
     dit_shapes = jax.eval_shape(lambda: dit.init(jax.random.PRNGKey(0), *example_inputs(dcfg)))
     dit_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(dit_shapes["params"]))

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdit import config_lib
 from jaxdit.data import prompts
 from jaxdit.data.pipeline import Preprocess, make_tokenizer
 from jaxdit.diffusion import flow
@@ -20,6 +19,7 @@ from jaxdit.models.lumina import Lumina, mrope_positions
 from jaxdit.models.stack import relayout_like
 from jaxdit.models.registry import build_denoiser
 from jaxdit.train.state import strip_boxes
+from helpers import preset
 
 
 def _count(tree):
@@ -37,7 +37,7 @@ def _abstract(model, text_width, latent=(8, 8, 16), text_len=4):
 @pytest.mark.parametrize("size,expected", [
     ("2B", 2_609_771_456), ("3B", 3.73e9), ("4B", 4.79e9), ("7B", 8.25e9)])
 def test_param_counts_of_official_configs(size, expected):
-    cfg = config_lib.lumina_config(size)
+    cfg = preset("lumina", size)
     params = _abstract(build_denoiser(cfg.model, cfg.latent.channels), cfg.text.width)
     n = _count(params)
     if size == "2B":
@@ -225,7 +225,7 @@ def test_multires_branch_adds_the_pooled_loss():
 
 
 def test_system_prompts_in_the_pipeline():
-    cfg = config_lib.lumina_config("tiny")
+    cfg = preset("lumina", "tiny")
     tok = make_tokenizer(cfg)
     pre = Preprocess(tok, cfg.text.max_len, cfg.data.system_prompt)
     rec = pre.map({"image": np.zeros((4, 4, 3), np.uint8), "caption": "a red circle",

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from jax.tree_util import keystr, tree_flatten_with_path
 
-from jaxdit import config_lib
 from jaxdit.models.attention import xla_attention
 from jaxdit.models.registry import (AUTOENCODER_FAMILIES, CLASS_FAMILIES, FAMILIES,
                                     build_denoiser, build_model, example_inputs, family_of)
 from jaxdit.train.state import strip_boxes
-from tests.helpers import VARIANTS, fixed_batch, tiny_config
+from tests.helpers import VARIANTS, fixed_batch, tiny_config, preset
 
 
 def _init(config, batch=2):
@@ -88,7 +87,7 @@ def test_gqa_attention_matches_repeated_kv_and_respects_mask():
 # ---------------------------------------------------------------- parameter counts
 
 def _abstract_params(family, arg):
-    cfg = config_lib.air_family_config(family, arg)
+    cfg = preset(family, arg)
     model = build_denoiser(cfg.model, cfg.latent.channels)
     s = cfg.data.image_size // cfg.latent.downsample
     x = jnp.zeros((1, s, s, cfg.latent.channels))

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from jaxdit import config_lib
 from jaxdit.models.race_dit import param_counts
 from jaxdit.models.registry import build_model, example_inputs
 from jaxdit.moe import experts, losses, routing, topk
 from jaxdit.models.moe_mlp import MoEMlp, MoESpec, moe_spec
 from jaxdit.parallel.mesh import LOGICAL_RULES, make_mesh
 from jaxdit.train.state import strip_boxes
+from helpers import preset
 
 MESHES = [{"data": 8}, {"data": 2, "fsdp": 4}, {"data": 2, "fsdp": 2, "expert": 2}]
 BATCH_AXES = ("data", "fsdp", "expert")
@@ -294,7 +294,7 @@ TABLE5 = [("B-1in4", .297), ("B-1in8", .524), ("B-1in16", .978), ("B-2in8", .297
 
 @functools.lru_cache(maxsize=None)
 def _counts(arg):
-    cfg = config_lib.race_config(arg)
+    cfg = preset("race_dit", arg)
     model = build_model(cfg)
     with nn.logical_axis_rules(LOGICAL_RULES):
         abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
@@ -317,15 +317,15 @@ def test_table5_parameter_counts():
 
 
 def test_race_config_parsing_and_errors():
-    c = config_lib.race_config("B-4in32,routing=token_choice,depth=3")
+    c = preset("race_dit", "B-4in32,routing=token_choice,depth=3")
     assert (c.moe.num_experts, c.moe.k, c.moe.hidden_split) == (32, 4, 4)
     assert c.moe.routing == "token_choice" and c.model.depth == 3
-    assert config_lib.race_config("XL-dense").moe.num_experts == 0
+    assert preset("race_dit", "XL-dense").moe.num_experts == 0
     for bad, msg in (("B-4of32", "MoE variant"), ("Q-dense", "Unknown size"),
                      ("B-4in32,bogus=1", "Unknown field")):
         with pytest.raises(ValueError, match=msg):
-            config_lib.race_config(bad)
-    c = config_lib.race_config("tiny-4in16,gating=tanh")
+            preset("race_dit", bad)
+    c = preset("race_dit", "tiny-4in16,gating=tanh")
     with pytest.raises(ValueError, match="moe.gating"):
         build_model(c)
 

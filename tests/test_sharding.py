@@ -16,7 +16,7 @@ from jaxdit.models import pretrained_text
 from jaxdit.parallel.mesh import LOGICAL_RULES, batch_sharding, logical_to_sharding, make_mesh
 from jaxdit.train.loop import Experiment
 from jaxdit.train.step import loss_fn
-from tests.helpers import VARIANTS, fixed_batch, tiny_config
+from tests.helpers import VARIANTS, fixed_batch, tiny_config, preset
 
 def perturb(params, scale=0.05):
     """Deterministic, mesh-independent offsets: at init the zero-initialised AdaLN gates
@@ -110,7 +110,7 @@ def _kl_vae_latent(cfg):
     """Latents of a frozen KL-VAE inside the model (random weights: f2, 4 channels, Stable
     Diffusion's 1x1 quant convs around the latent, as a converted diffusers VAE has)."""
     with cfg.unlocked():
-        cfg.vae = config_lib.vae_config("tiny-4ch").vae
+        cfg.vae = preset("vae", "tiny-4ch").vae
     cfg.vae.update(ch=16, ch_mult=(1, 2), quant_conv=True)
     cfg.latent.update(kind="kl_vae", channels=4, downsample=2)
     cfg.model.patch_size = 2

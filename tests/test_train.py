@@ -14,7 +14,7 @@ from jaxdit.train.checkpoint import CheckpointError, Checkpointer
 from jaxdit.errors import ConfigError
 from jaxdit.train.loop import Experiment, init_params, train_and_evaluate
 from jaxdit.train.optimizers import make_optimizer, scale_by_factored_rms
-from tests.helpers import fixed_batch, tiny_config
+from tests.helpers import fixed_batch, tiny_config, preset
 
 
 def _losses(workdir):
@@ -195,22 +195,22 @@ def test_bad_configs_fail_fast_with_clear_errors(tmp_path, mutate, error, match)
 
 
 def test_config_argument_parsing():
-    c = config_lib.air_family_config("dit_air", "B,share=attention")
+    c = preset("dit_air", "B,share=attention")
     assert (c.model.depth, c.model.width, c.model.num_heads) == (18, 1152, 18)
     assert c.model.share == "attention" and c.text.width == 1024 and c.latent.channels == 8
     with pytest.raises(ValueError, match="Unknown size"):
-        config_lib.air_family_config("dit_air", "Q")
+        preset("dit_air", "Q")
     with pytest.raises(ValueError, match="Unknown model field"):
-        config_lib.air_family_config("dit_air", "tiny,sharing=full")
+        preset("dit_air", "tiny,sharing=full")
     with pytest.raises(ValueError, match="key=value"):
-        config_lib.air_family_config("dit_air", "tiny,full")
+        preset("dit_air", "tiny,full")
 
 
 def test_a_config_saved_by_an_older_version_gains_the_new_fields():
     """Checkpoints restore their saved config verbatim; fields added to jaxdit since then
     come in with their defaults, and what was saved is kept."""
     import ml_collections  # pylint: disable=import-outside-toplevel
-    saved = json.loads(config_lib.vae_config("tiny-4ch").to_json_best_effort())
+    saved = json.loads(preset("vae", "tiny-4ch").to_json_best_effort())
     del saved["model"]["layout"], saved["text"]["pooled_width"]
     saved["model"]["width"] = 96
     config = config_lib.with_defaults(ml_collections.ConfigDict(saved))

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import tiny_config
-from jaxdit import config_lib
+from helpers import tiny_config, preset
 from jaxdit.errors import ConfigError
 from jaxdit.data.cache import CacheError, CachedSource
 from jaxdit.data.pipeline import make_source
@@ -43,7 +42,7 @@ def test_widen_latent_keeps_the_reconstruction():
 
 
 def _vae_config(arg):
-    c = config_lib.vae_config(arg)
+    c = preset("vae", arg)
     c.vae.update(ch=16, ch_mult=(1, 2))
     c.data.update(image_size=16, num_train=64, num_val=16)
     c.mesh = {"data": 1}

@@ -21,6 +21,9 @@ from absl import app, flags, logging
 from jaxdit import config_lib
 from jaxdit.train.loop import train_and_evaluate
 
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+
 flags.DEFINE_integer("steps", 600, "Training steps of each run.")
 flags.DEFINE_integer("batch_size", 16, "Global batch size.")
 flags.DEFINE_string("workdir", "/tmp/autoencoder_gan", "Root of the runs (must not exist).")
@@ -31,7 +34,7 @@ FLAGS = flags.FLAGS
 
 
 def run(name: str, **vae) -> dict:
-    cfg = config_lib.vae_config("tiny-4ch")
+    cfg = config_lib.preset("vae", "tiny-4ch", EXPERIMENTS)
     steps = FLAGS.steps
     cfg.train.update(steps=steps, batch_size=FLAGS.batch_size, eval_every=0, sample_every=0,
                      ckpt_every=steps, log_every=max(1, steps // 6), val_batches=8)

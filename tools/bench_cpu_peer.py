@@ -18,12 +18,12 @@ Needs torch and diffusers (the test extra). Not a test: timings depend on the ma
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 from absl import flags
 from diffusers import DiTTransformer2DModel
@@ -35,12 +35,15 @@ from jaxdit.diffusion import flow
 from jaxdit.eval.alignment import alignment_scores
 from jaxdit.train.loop import Experiment
 
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+
 T_GRID = np.linspace(0.05, 0.95, 10)
 SYNC_EVERY = 10  # jaxdit's side waits for the device every this many steps, as the loop logs
 
 
 def jaxdit_config(args):
-    cfg = config_lib.race_config("tiny-dense")
+    cfg = config_lib.preset("race_dit", "tiny-dense", EXPERIMENTS)
     cfg.optim.update(name="adamw", lr=args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0,
                      clip_norm=1.0, warmup_steps=args.warmup, ema_decay=0.0)
     cfg.train.update(batch_size=args.batch, steps=10 ** 6)

@@ -20,6 +20,9 @@ from jaxdit import config_lib
 from jaxdit.models.vae import downsample_factor
 from jaxdit.train.loop import train_and_evaluate
 
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
+
 flags.DEFINE_integer("steps", 300, "N: steps of each stage (A and B train 2N).")
 flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 flags.DEFINE_string("size", "tiny", "VAE size (experiments/vae.py): tiny or f8.")
@@ -29,7 +32,7 @@ FLAGS = flags.FLAGS
 
 
 def run(arg: str, workdir: str, steps: int, widen_from: str = "") -> dict:
-    cfg = config_lib.vae_config(arg)
+    cfg = config_lib.preset("vae", arg, EXPERIMENTS)
     cfg.train.update(steps=steps, batch_size=FLAGS.batch_size, eval_every=0, sample_every=0,
                      ckpt_every=steps, log_every=max(1, steps // 4), val_batches=8)
     cfg.sampler.num_samples = 8
@@ -54,7 +57,7 @@ def main(argv):
     print(f"{'variant':26s} {'val MSE':>9s} {'PSNR dB':>8s} {'KL/elem':>9s} {'KL/image':>10s}")
     for name, r in rows.items():
         z = 8 if "8ch" in name else 4
-        cfg = config_lib.vae_config(f"{size}-{z}ch")
+        cfg = config_lib.preset("vae", f"{size}-{z}ch", EXPERIMENTS)
         cells = (cfg.data.image_size // downsample_factor(cfg.vae.ch_mult)) ** 2 * z
         print(f"{name:26s} {r['val/mse']:9.5f} {r['val/psnr']:8.2f} {r['val/kl']:9.4f} "
               f"{r['val/kl'] * cells:10.1f}")

@@ -23,40 +23,42 @@ from jaxdit import config_lib  # noqa: E402
 from jaxdit.train import aot  # noqa: E402
 
 FLAGS = flags.FLAGS
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "experiments")
 flags.DEFINE_list("only", [], "Plan names to compile (default: all).")
 flags.DEFINE_string("json_dir", None, "Also write each report to DIR/<name>.json.")
 flags.DEFINE_string("from_json", None, "Render the table from DIR/*.json instead.")
 
-# name -> (config getter, argument, topology, config overrides)
+# name -> ((experiment, its argument), topology, config overrides)
 PLANS = {
-    "dit_air_S": (config_lib.air_family_config, ("dit_air", "S"), "v5p-256", {}),
-    "dit_air_B": (config_lib.air_family_config, ("dit_air", "B"), "v5p-256", {}),
-    "dit_air_L": (config_lib.air_family_config, ("dit_air", "L"), "v5p-256", {}),
-    "dit_air_XL": (config_lib.air_family_config, ("dit_air", "XL"), "v5p-256", {}),
-    "dit_air_XL_unrolled": (config_lib.air_family_config, ("dit_air", "XL"), "v5p-256",
+    "dit_air_S": (("dit_air", "S"), "v5p-256", {}),
+    "dit_air_B": (("dit_air", "B"), "v5p-256", {}),
+    "dit_air_L": (("dit_air", "L"), "v5p-256", {}),
+    "dit_air_XL": (("dit_air", "XL"), "v5p-256", {}),
+    "dit_air_XL_unrolled": (("dit_air", "XL"), "v5p-256",
                             {"model.scan_layers": False}),
-    "dit_air_XXL": (config_lib.air_family_config, ("dit_air", "XXL"), "v5p-256", {}),
-    "dit_air_B_lite_attn": (config_lib.air_family_config, ("dit_air", "B,share=attention"),
+    "dit_air_XXL": (("dit_air", "XXL"), "v5p-256", {}),
+    "dit_air_B_lite_attn": (("dit_air", "B,share=attention"),
                             "v5p-256", {}),
-    "dit_air_B_lite_full": (config_lib.air_family_config, ("dit_air", "B,share=full"),
+    "dit_air_B_lite_full": (("dit_air", "B,share=full"),
                             "v5p-256", {}),
-    "pixart_B": (config_lib.air_family_config, ("pixart", "B"), "v5p-256", {}),
-    "mmdit_B": (config_lib.air_family_config, ("mmdit", "B"), "v5p-256", {}),
-    "race_XL_4in32": (config_lib.race_config, ("XL-4in32",), "v5p-128", {"mesh.expert": 4}),
-    "lumina_2B": (config_lib.lumina_config, ("2B",), "v5p-128", {}),
-    "lumina_7B": (config_lib.lumina_config, ("7B",), "v5p-256", {}),
-    "d2it_XL": (config_lib.d2it_config, ("XL",), "v5p-64", {}),
+    "pixart_B": (("pixart", "B"), "v5p-256", {}),
+    "mmdit_B": (("mmdit", "B"), "v5p-256", {}),
+    "race_XL_4in32": (("race_dit", "XL-4in32"), "v5p-128", {"mesh.expert": 4}),
+    "lumina_2B": (("lumina", "2B"), "v5p-128", {}),
+    "lumina_7B": (("lumina", "7B"), "v5p-256", {}),
+    "d2it_XL": (("d2it", "XL"), "v5p-64", {}),
     # what the remat policy costs: the fastest policies that still fit
-    "dit_air_XL_remat_none": (config_lib.air_family_config, ("dit_air", "XL"), "v5p-256",
+    "dit_air_XL_remat_none": (("dit_air", "XL"), "v5p-256",
                               {"model.remat": "none"}),
-    "lumina_7B_remat_dots": (config_lib.lumina_config, ("7B",), "v5p-256",
+    "lumina_7B_remat_dots": (("lumina", "7B"), "v5p-256",
                              {"model.remat": "dots"}),
 }
 
 
 def plan_config(name: str):
-    getter, args, topology, overrides = PLANS[name]
-    cfg = getter(*args)
+    (experiment, arg), topology, overrides = PLANS[name]
+    cfg = config_lib.preset(experiment, arg, EXPERIMENTS)
     for key, value in overrides.items():
         section, field = key.split(".")
         cfg[section][field] = value

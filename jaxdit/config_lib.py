@@ -1,9 +1,10 @@
 """Base config and the small helpers experiment files use (big_vision style).
 
-The presets (sizes, tiny recipes) live in ``experiments/<family>.py``; this module holds what
-they share. An experiment file defines ``get_config(arg)``; ``arg`` is ``"<size>[,key=value...]"``,
-e.g. ``"tiny"``, ``"B,share=attention"``, ``"B,adaln=shared"``. ``key=value`` pairs override
-fields of ``config.model``. Everything else is overridden on the command line with
+The presets (sizes, tiny recipes) live in ``experiments/<family>.py``; this module holds
+what they share. An experiment file defines ``get_config(arg)``; ``arg`` is
+``"<size>[,key=value...]"``, e.g. ``"tiny"``, ``"B,share=attention"``, ``"B,adaln=shared"``.
+``key=value`` pairs override fields of ``config.model`` (or the sections the experiment
+names). Everything else is overridden on the command line with
 ``--config.section.field=value``.
 """
 from __future__ import annotations

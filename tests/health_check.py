@@ -14,7 +14,7 @@ from absl import flags
 from jaxdit.data.pipeline import make_dataset
 from jaxdit.train.health import nonfinite_paths
 from jaxdit.train.loop import Experiment
-from helpers import preset
+from tests.helpers import preset
 
 STEPS = 40
 # Race-DiT runs at full size (below), 1.2 s a step: 24 steps still cover its old failure
